@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make train` and `make test`. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: venv train test lint format ui clean-runs
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Train the default experiment on the built-in synthetic data, tracked in ./mlflow.db + ./mlruns.
+train: $(STAMP)
+	$(VENV)/bin/cartridgeocr-train $(ARGS)
+
+## Run the test suite (the same command CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cartridgeocr tests benchmarks scripts
+	$(VENV)/bin/ruff format --check cartridgeocr tests benchmarks scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format cartridgeocr tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix cartridgeocr tests benchmarks scripts
+
+## Open the MLflow UI on this folder's runs.
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns

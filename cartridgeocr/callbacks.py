@@ -1,0 +1,128 @@
+"""Lightning callbacks that put a run's pictures, predictions and checkpoints into MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from cartridgeocr import tracking
+from cartridgeocr.metrics import TRAIN_LOSS
+from cartridgeocr.viz import draw_overlay, plot_losses
+
+log = logging.getLogger("cartridgeocr.callbacks")
+
+
+def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
+    for lg in trainer.loggers:
+        if isinstance(lg, MLFlowLogger):
+            return lg
+    return None
+
+
+def _gather(obj: list) -> list:
+    """All ranks' lists, concatenated (identity on one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return [x for p in parts for x in p]
+
+
+class ValidationArtifacts(Callback):
+    """Each validation epoch: predictions/epoch_NNN.json (COCO results in original pixels, plus
+    file_name) and overlays/epoch_NNN/*.png for the first ``num_overlays`` validation images."""
+
+    def __init__(self, num_overlays: int = 4) -> None:
+        self.num_overlays = num_overlays
+        self._images: list = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._images = []
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if trainer.sanity_checking or len(self._images) >= self.num_overlays:
+            return
+        images, _ = batch
+        targets, dets = pl_module.val_outputs[-1]
+        for image, target, det in zip(images, targets, dets):
+            if len(self._images) < self.num_overlays:
+                self._images.append((image.detach().cpu(), target, det))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        results = []
+        for targets, dets in pl_module.val_outputs:
+            for target, det in zip(targets, dets):
+                results += det.scaled(target["scale"]).to_coco_results(
+                    target["image_id"], target["file_name"]
+                )
+        results = _gather(results)
+        logger = _mlflow(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        client, run_id = logger.experiment, logger.run_id
+        client.log_text(
+            run_id,
+            json.dumps(results),
+            f"{tracking.PREDICTIONS_DIR}/{tracking.predictions_name(epoch)}",
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            for image, target, det in self._images:
+                name = Path(str(target["file_name"])).stem + ".png"
+                draw_overlay(image, det, target).save(Path(tmp) / name)
+            if self._images:
+                client.log_artifacts(run_id, tmp, tracking.overlays_dir(epoch))
+
+
+class MlflowCheckpoints(Callback):
+    """Uploads checkpoints/last.ckpt after each validation (so a killed run can resume from MLflow),
+    and at the end checkpoints/best.ckpt, checkpoints/last.ckpt and plots/loss.png."""
+
+    def __init__(self, checkpoint: ModelCheckpoint, every_epoch: bool = True) -> None:
+        self.checkpoint = checkpoint
+        self.every_epoch = every_epoch
+
+    def _upload(self, trainer: L.Trainer, source: str | Path, name: str) -> None:
+        logger = _mlflow(trainer)
+        if logger is None or not trainer.is_global_zero or not source or not Path(source).is_file():
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = Path(tmp) / name
+            shutil.copyfile(source, dst)
+            logger.experiment.log_artifact(logger.run_id, str(dst), tracking.CHECKPOINT_DIR)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Runs after ModelCheckpoint has written this epoch's last.ckpt (Lightning runs it first).
+        if self.every_epoch:
+            self._upload(trainer, self.checkpoint.last_model_path, tracking.LAST_CKPT)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._upload(trainer, self.checkpoint.last_model_path, tracking.LAST_CKPT)
+        self._upload(trainer, self.checkpoint.best_model_path, tracking.BEST_CKPT)
+        logger = _mlflow(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        client, run_id = logger.experiment, logger.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in pl_module.export_files(self.checkpoint.best_model_path or None, Path(tmp)):
+                client.log_artifact(run_id, str(path), tracking.EXPORT_DIR)
+        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train/")]
+        history = {
+            k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys
+        }
+        if history.get(TRAIN_LOSS):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = plot_losses(history, Path(tmp) / tracking.LOSS_PLOT)
+                client.log_artifact(run_id, str(path), tracking.PLOTS_DIR)

@@ -1,0 +1,95 @@
+"""`cartridgeocr-train`: compose the Hydra config, call `train(cfg)`, print a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.panel import Panel
+from rich.table import Table
+
+from cartridgeocr.cli.common import console, run_guarded, setup_environment
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def print_summary(cfg: DictConfig, metrics: dict[str, float], objects: dict) -> None:
+    """One screen: run id, best metrics, where the artifacts are, how to open the UI."""
+    from cartridgeocr import tracking
+    from cartridgeocr.metrics import VAL_F1, VAL_MAP, VAL_MAP_50, VAL_MAP_50_PER_CLASS, VAL_SEGM_MAP
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    logger = objects.get("logger")
+    run_id = objects.get("run_id") or "-"
+    table.add_row("run id", run_id)
+    ckpt = objects["checkpoint"]
+    best = f"{ckpt.best_model_score:.4f}" if ckpt.best_model_score is not None else "-"
+    table.add_row(f"best {cfg.callbacks.monitor}", best)
+    for name in (VAL_MAP, VAL_MAP_50, *VAL_MAP_50_PER_CLASS.values(), VAL_SEGM_MAP, VAL_F1):
+        if name in metrics:
+            table.add_row(f"last {name}", f"{metrics[name]:.4f}")
+    table.add_row("output folder", str(objects["output_dir"]))
+    if logger is not None:
+        uri = logger._tracking_uri
+        table.add_row("artifacts", tracking.artifact_uri(logger))
+        table.add_row("tracking store", uri)
+        ui = f"mlflow ui --backend-store-uri {uri}"
+        location = tracking.default_artifact_location(uri, cfg.logger.get("artifact_location"))
+        if location:
+            ui += f" --default-artifact-root {location}"
+        table.add_row("open the UI", ui)
+    console.print(Panel(table, title="CartridgeOCR training finished", expand=False))
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """For ``resume=...``: the run's saved, resolved config, plus this command's plain overrides."""
+    import mlflow
+
+    from cartridgeocr import tracking
+    from cartridgeocr.errors import ConfigError
+    from cartridgeocr.train import resume_point
+
+    _, run_id = resume_point(cfg)
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    try:
+        text = mlflow.MlflowClient(uri).download_artifacts(
+            run_id, f"{tracking.CONFIG_DIR}/config.yaml"
+        )
+    except Exception:
+        raise ConfigError(
+            f"resume={cfg.resume}: run {run_id} has no saved {tracking.CONFIG_DIR}/config.yaml"
+        ) from None
+    saved = OmegaConf.load(text)
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    extra = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides if "/" not in o.split("=")[0]])
+    merged = OmegaConf.merge(saved, extra)
+    with open_dict(merged):
+        merged.resume = cfg.resume
+        merged.paths.output_dir = cfg.paths.output_dir
+    return merged
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    from cartridgeocr.train import train
+
+    def go():
+        run_cfg = resume_config(cfg) if cfg.get("resume") else cfg
+        metrics, objects = train(run_cfg)
+        if run_cfg.get("summary", True):
+            print_summary(run_cfg, metrics, objects)
+        # The monitored metric is returned for Hydra sweepers (e.g. Optuna).
+        return metrics.get(run_cfg.callbacks.monitor)
+
+    return run_guarded(go)
+
+
+def main() -> None:
+    setup_environment()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

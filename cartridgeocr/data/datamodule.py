@@ -1,0 +1,215 @@
+"""Datasets and the LightningDataModule every backend trains from.
+
+Samples follow torchvision's detection convention: a float image tensor (3, S, S) in [0, 1] and a
+target dict with ``boxes`` (N, 4) xyxy, ``labels`` (N,) category ids, ``masks`` (N, S, S) uint8,
+plus ``image_id``, ``file_name`` and ``scale`` (resized / original pixels, for mapping predictions back).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cartridgeocr.data.coco import CocoIndex, ImageRecord, load_coco, polygons_to_mask
+from cartridgeocr.data.images import decode_image
+from cartridgeocr.data.transforms import apply_transforms, build_transforms
+
+log = logging.getLogger("cartridgeocr.data")
+
+
+class DetectionDataset(Dataset):
+    """Decodes, rasterises polygons to masks and applies the augmentation pipeline."""
+
+    def __init__(self, records: list[ImageRecord], image_size: int, transforms) -> None:
+        self.records = records
+        self.image_size = image_size
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        rec = self.records[i]
+        image, scale = decode_image(rec.path, max_side=self.image_size)
+        h, w = image.shape[:2]
+        masks, boxes, labels = [], [], []
+        for ann in rec.annotations:
+            if ann.polygons:
+                masks.append(polygons_to_mask(ann.polygons, h, w, scale))
+            else:  # box-only source: a filled box stands in for the mask
+                m = np.zeros((h, w), np.uint8)
+                x0, y0, x1, y1 = (np.array(ann.bbox) * scale).round().astype(int)
+                m[max(y0, 0) : y1, max(x0, 0) : x1] = 1
+                masks.append(m)
+            boxes.append([c * scale for c in ann.bbox])
+            labels.append(ann.category_id)
+        image, masks, boxes, labels = apply_transforms(self.transforms, image, masks, boxes, labels)
+        s = self.image_size
+        target = {
+            "boxes": torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
+            "labels": torch.as_tensor(np.asarray(labels, np.int64).reshape(-1)),
+            "masks": torch.as_tensor(np.asarray(masks, np.uint8).reshape(-1, s, s)),
+            "image_id": rec.id,
+            "file_name": rec.file_name,
+            # Validation transforms only resize+pad from the top-left, so one factor maps back.
+            "scale": s / max(rec.width, rec.height),
+        }
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        return tensor, target
+
+
+def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def split_records(records: list[ImageRecord], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split; the same seed always holds out the same images."""
+    if val_fraction >= 1.0:
+        return [], list(records)
+    order = torch.randperm(
+        len(records), generator=torch.Generator().manual_seed(int(seed))
+    ).tolist()
+    n_val = (
+        max(1, round(len(records) * val_fraction)) if len(records) > 1 and val_fraction > 0 else 0
+    )
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return [records[i] for i in train], [records[i] for i in val]
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """COCO instance file + image folder -> train/val loaders (the split is fixed by ``seed``)."""
+
+    def __init__(
+        self,
+        annotations: str | None = None,
+        images: str | None = None,
+        format: str = "auto",
+        val_annotations: str | None = None,
+        val_images: str | None = None,
+        val_fraction: float = 0.2,
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        verify_images: bool = True,
+        skip_bad_images: bool = False,
+        seed: int | None = 0,
+        augment: dict | None = None,
+        name: str = "coco",
+    ) -> None:
+        super().__init__()
+        self.annotations, self.images = annotations, images
+        self.format = format
+        self.val_annotations, self.val_images = val_annotations, val_images
+        self.val_fraction = float(val_fraction)
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.verify_images = verify_images
+        self.skip_bad_images = skip_bad_images
+        self.seed = 0 if seed is None else int(seed)
+        self.augment = dict(augment or {"name": "none"})
+        self.name = name
+        self.train_set: DetectionDataset | None = None
+        self.val_set: DetectionDataset | None = None
+        self.index: CocoIndex | None = None
+
+    def _load(self, annotations, images) -> CocoIndex:
+        index = load_coco(
+            annotations,
+            images,
+            fmt=self.format,
+            verify_images=self.verify_images,
+            skip_bad_images=self.skip_bad_images,
+        )
+        log.info("%s: %s", Path(annotations).name, index.report.summary())
+        return index
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.index = self._load(self.annotations, self.images)
+        if self.val_annotations:
+            train, val = (
+                self.index.records,
+                self._load(self.val_annotations, self.val_images or self.images).records,
+            )
+        else:
+            train, val = split_records(self.index.records, self.val_fraction, self.seed)
+        train_tf = build_transforms(self.augment, self.image_size, train=True)
+        val_tf = build_transforms(self.augment, self.image_size, train=False)
+        self.train_set = DetectionDataset(train, self.image_size, train_tf)
+        self.val_set = DetectionDataset(val, self.image_size, val_tf)
+        log.info("data %s: %d train / %d val images", self.name, len(train), len(val))
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_set:
+            raise ValueError(
+                f"data {self.name}: no training images (all {len(self.val_set)} are validation)"
+            )
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class SyntheticDataModule(DetectionDataModule):
+    """Renders the built-in synthetic headstamp photos once (cached by parameters), then as COCO."""
+
+    def __init__(
+        self,
+        num_images: int = 400,
+        image_size: int = 384,
+        seed: int = 0,
+        cache_dir: str = ".cache/synthetic",
+        val_fraction: float = 0.15,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        split_seed: int | None = 0,
+        augment: dict | None = None,
+        name: str = "synthetic",
+    ) -> None:
+        super().__init__(
+            val_fraction=val_fraction,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=split_seed,
+            augment=augment,
+            name=name,
+            verify_images=False,
+        )
+        self.num_images = int(num_images)
+        self.render_seed = int(seed)
+        self.cache_dir = cache_dir
+
+    def prepare_data(self) -> None:
+        from cartridgeocr.data.synthetic import ensure_synthetic
+
+        self.annotations, self.images = map(
+            str,
+            ensure_synthetic(self.cache_dir, self.num_images, self.render_seed, self.image_size),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.annotations is None:  # prepare_data ran on another rank: the cache is ready
+            self.prepare_data()
+        super().setup(stage)

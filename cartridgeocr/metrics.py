@@ -1,0 +1,146 @@
+"""Every metric name, defined once, and the one evaluator all backends share (COCO mAP + F1).
+
+Logged names:
+- ``train/loss``: the summed training loss; ``train/<component>`` one per loss term the backend returns
+  (``loss_`` prefix dropped, e.g. ``train/classifier``, ``train/box_reg``, ``train/dfl``).
+- ``val/map``: COCO box AP averaged over IoU 0.50:0.95.
+- ``val/map_50``: box AP at IoU 0.50; ``val/map_50_casing``, ``val/map_50_primer``: the same per class
+  (-1 when the validation set has no object of that class, as COCO reports it).
+- ``val/segm_map``: mask AP 0.50:0.95, for backends that predict masks.
+- ``val/f1``: F1 of box matches at IoU >= 0.5 among detections scoring >= ``f1_score_threshold``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_iou
+
+from cartridgeocr.categories import CATEGORY_NAMES
+from cartridgeocr.detections import Detections
+
+TRAIN_LOSS = "train/loss"
+VAL_MAP = "val/map"
+VAL_MAP_50 = "val/map_50"
+VAL_SEGM_MAP = "val/segm_map"
+VAL_F1 = "val/f1"
+
+
+def train_component(name: str) -> str:
+    """Metric name of one loss term, e.g. ``loss_box_reg`` -> ``train/box_reg``."""
+    return "train/" + name.removeprefix("loss_")
+
+
+def val_map_50_class(category_id: int) -> str:
+    return f"val/map_50_{CATEGORY_NAMES[category_id]}"
+
+
+VAL_MAP_50_PER_CLASS = {cid: val_map_50_class(cid) for cid in CATEGORY_NAMES}
+
+
+class F1Score(Metric):
+    """Greedy one-to-one box matching per image and class at IoU >= ``iou``; summed over the epoch."""
+
+    full_state_update = False
+
+    def __init__(self, score_threshold: float = 0.5, iou: float = 0.5) -> None:
+        super().__init__()
+        self.score_threshold = score_threshold
+        self.iou = iou
+        self.add_state("tp", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("fp", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("fn", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: list[Detections], targets: list[dict]) -> None:
+        for det, target in zip(preds, targets):
+            keep = det.scores >= self.score_threshold
+            boxes, labels = det.boxes[keep], det.labels[keep]
+            scores = det.scores[keep]
+            for cid in CATEGORY_NAMES:
+                p = boxes[labels == cid][scores[labels == cid].argsort(descending=True)]
+                t = target["boxes"][target["labels"] == cid]
+                matched = 0
+                if len(p) and len(t):
+                    iou = box_iou(p, t.to(p.dtype))
+                    taken = torch.zeros(len(t), dtype=torch.bool, device=iou.device)
+                    for row in iou:
+                        row = row.masked_fill(taken, -1.0)
+                        best = int(row.argmax())
+                        if row[best] >= self.iou:
+                            taken[best] = True
+                            matched += 1
+                self.tp += matched
+                self.fp += len(p) - matched
+                self.fn += len(t) - matched
+
+    def compute(self) -> Tensor:
+        denom = 2 * self.tp + self.fp + self.fn
+        return (2 * self.tp / denom) if denom > 0 else torch.tensor(0.0, device=self.tp.device)
+
+
+class DetectionEvaluator(torch.nn.Module):
+    """COCO mAP (torchmetrics on faster-coco-eval) plus F1, fed with `Detections` and targets."""
+
+    def __init__(self, with_masks: bool, f1_score_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.with_masks = with_masks
+        iou_type = ("bbox", "segm") if with_masks else "bbox"
+        self.map = MeanAveragePrecision(
+            iou_type=iou_type, backend="faster_coco_eval", extended_summary=True
+        )
+        self.f1 = F1Score(score_threshold=f1_score_threshold)
+
+    def update(self, preds: list[Detections], targets: list[dict]) -> None:
+        map_preds, map_targets = [], []
+        for det, target in zip(preds, targets):
+            p = {"boxes": det.boxes.float(), "scores": det.scores.float(), "labels": det.labels}
+            t = {"boxes": target["boxes"].float(), "labels": target["labels"]}
+            if self.with_masks:
+                h, w = target["masks"].shape[-2:] if "masks" in target else det.masks.shape[-2:]
+                p["masks"] = (
+                    det.binary_masks() if det.masks is not None else _empty_masks(det, h, w)
+                )
+                t["masks"] = target["masks"].bool()
+            map_preds.append(p)
+            map_targets.append(t)
+        self.map.update(map_preds, map_targets)
+        self.f1.update(preds, targets)
+
+    def compute(self) -> dict[str, float]:
+        r = self.map.compute()
+        box = (
+            "bbox_" if self.with_masks else ""
+        )  # torchmetrics prefixes keys only for several iou types
+        out = {
+            VAL_MAP: float(r[f"{box}map"]),
+            VAL_MAP_50: float(r[f"{box}map_50"]),
+            VAL_F1: float(self.f1.compute()),
+        }
+        out.update(_per_class_ap50(r[f"{box}precision"], r["classes"]))
+        if self.with_masks:
+            out[VAL_SEGM_MAP] = float(r["segm_map"])
+        return out
+
+    def reset(self) -> None:
+        self.map.reset()
+        self.f1.reset()
+
+
+def _empty_masks(det: Detections, h: int, w: int) -> Tensor:
+    return torch.zeros((len(det), h, w), dtype=torch.bool, device=det.boxes.device)
+
+
+def _per_class_ap50(precision: Tensor, classes: Tensor) -> dict[str, float]:
+    """AP at IoU 0.5 per class from COCOeval's precision array (T, R, K, A, M): area 'all', 100 dets."""
+    out = {name: -1.0 for name in VAL_MAP_50_PER_CLASS.values()}
+    if precision.ndim != 5:
+        return out
+    for k, cid in enumerate(classes.flatten().tolist()):
+        if cid not in VAL_MAP_50_PER_CLASS:
+            continue
+        p = precision[0, :, k, 0, -1]
+        valid = p[p > -1]
+        out[VAL_MAP_50_PER_CLASS[cid]] = float(valid.mean()) if len(valid) else -1.0
+    return out

@@ -1,0 +1,164 @@
+"""The one interface every detector backend implements, and the Lightning plumbing they share.
+
+A backend subclasses `DetectorModule` and writes three methods:
+  build()                    -> the torch network (registered as ``self.net``)
+  loss(images, targets)      -> dict of named scalar losses (train mode)
+  predict(images)            -> list[Detections] in the input images' pixels (eval mode)
+Training, validation metrics, optimisers and schedulers are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from cartridgeocr.detections import Detections
+from cartridgeocr.metrics import TRAIN_LOSS, DetectionEvaluator, train_component
+
+
+class DetectorModule(L.LightningModule):
+    """Shared LightningModule: subclasses set ``backend``/``with_masks`` and implement the interface."""
+
+    backend: str = "base"
+    with_masks: bool = False
+
+    def __init__(
+        self,
+        optim: dict | None = None,
+        f1_score_threshold: float = 0.5,
+        image_size: int = 512,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.optim_cfg = dict(optim or {"name": "sgd", "lr": 0.005})
+        self.image_size = int(image_size)
+        self.net = self.build()
+        if weights_path:
+            load_weights(self, weights_path)
+        self.evaluator = DetectionEvaluator(self.with_masks, f1_score_threshold)
+        #: Per validation batch: (targets, detections) on the CPU, read by the artifact callback.
+        self.val_outputs: list[tuple[list[dict], list[Detections]]] = []
+
+    # ---- the backend interface -------------------------------------------------------------
+    @abstractmethod
+    def build(self) -> nn.Module: ...
+
+    @abstractmethod
+    def loss(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]: ...
+
+    @abstractmethod
+    def predict(self, images: list[Tensor]) -> list[Detections]: ...
+
+    def export_files(self, best_checkpoint: str | None, out_dir: Path) -> list[Path]:
+        """Backend-specific files logged under ``export/`` when training ends (e.g. a YOLO .pt)."""
+        return []
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+    def forward(self, images: list[Tensor]) -> list[Detections]:
+        return self.predict(images)
+
+    def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.loss(list(images), list(targets))
+        total = sum(losses.values())
+        n = len(images)
+        self.log(TRAIN_LOSS, total, prog_bar=True, batch_size=n)
+        self.log_dict({train_component(k): v.detach() for k, v in losses.items()}, batch_size=n)
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_outputs = []
+
+    def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
+        images, targets = batch
+        dets = self.predict(list(images))
+        self.evaluator.update(dets, list(targets))
+        cpu_targets = [
+            {k: v.cpu() if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets
+        ]
+        self.val_outputs.append((cpu_targets, [d.to("cpu") for d in dets]))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.evaluator.compute()
+        self.evaluator.reset()
+        self.log_dict(metrics, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        return build_optimizer(
+            self.optim_cfg, [p for p in self.parameters() if p.requires_grad], self.trainer
+        )
+
+
+def build_optimizer(cfg: dict, params: list[nn.Parameter], trainer: L.Trainer | None) -> dict:
+    """SGD+StepLR or AdamW+cosine from the `optim` config, with an optional linear warm-up."""
+    name = cfg.get("name", "sgd")
+    if name == "sgd":
+        opt = torch.optim.SGD(
+            params,
+            lr=cfg["lr"],
+            momentum=cfg.get("momentum", 0.9),
+            weight_decay=cfg.get("weight_decay", 0.0),
+        )
+    elif name == "adamw":
+        opt = torch.optim.AdamW(
+            params,
+            lr=cfg["lr"],
+            weight_decay=cfg.get("weight_decay", 0.01),
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+        )
+    else:
+        raise ValueError(f"optim.name: unknown optimiser {name!r} (use sgd or adamw)")
+
+    sched = dict(cfg.get("scheduler") or {})
+    total_steps = _total_steps(trainer)
+    steps_per_epoch = (
+        max(1, total_steps // max(1, trainer.max_epochs)) if trainer and trainer.max_epochs else 1
+    )
+    warmup = int(sched.get("warmup_steps", 0))
+    kind = sched.get("name", "none")
+
+    def factor(step: int) -> float:
+        f = 1.0
+        if kind == "step":
+            f = sched.get("gamma", 0.1) ** (
+                (step // steps_per_epoch) // max(1, sched.get("step_size", 3))
+            )
+        elif kind == "cosine":
+            floor = sched.get("eta_min_ratio", 0.01)
+            progress = min(1.0, step / max(1, total_steps))
+            f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif kind == "linear":
+            floor = sched.get("eta_min_ratio", 0.01)
+            f = 1.0 - (1.0 - floor) * min(1.0, step / max(1, total_steps))
+        if warmup and step < warmup:
+            f *= 0.001 + (1 - 0.001) * step / warmup
+        return f
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _total_steps(trainer: L.Trainer | None) -> int:
+    if trainer is None:
+        return 1000
+    try:
+        return max(1, int(trainer.estimated_stepping_batches))
+    except Exception:  # no datamodule attached yet (e.g. a bare module in a test)
+        return 1000
+
+
+def load_weights(module: nn.Module, path: str) -> None:
+    """Load a local state_dict or Lightning checkpoint (weights only, never pickled code)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    target = module if any(k.startswith("net.") for k in state) else module.net
+    missing, _ = target.load_state_dict(state, strict=False)
+    if len(missing) == len(target.state_dict()):
+        raise ValueError(f"{path}: none of its tensors match this model (wrong architecture?)")

@@ -1,0 +1,169 @@
+"""`train(cfg)`: compose the pieces a config names, fit, record everything in MLflow.
+
+The CLI (`cartridgeocr.cli.train`) only composes the config and calls this, so tests call the
+same function with a composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from cartridgeocr import tracking
+from cartridgeocr.callbacks import MlflowCheckpoints, ValidationArtifacts
+from cartridgeocr.errors import ConfigError
+
+log = logging.getLogger("cartridgeocr.train")
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train the configured backend on the configured data. Returns (metrics, objects)."""
+    # mlflow.set_tracking_uri (called inside Lightning's logger) writes $MLFLOW_TRACKING_URI;
+    # restore it so a second train() in the same process resolves its own store.
+    saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _train(cfg)
+    finally:
+        if saved_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+
+
+def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    if cfg.get("seed") is not None:  # 0 is a seed like any other
+        L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    datamodule = instantiate(cfg.data, augment=_plain(cfg.augment), _convert_="all")
+    # Fail at the edge: load and validate the data before a run is opened in MLflow.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(
+        cfg.model,
+        optim=_plain(cfg.optim),
+        f1_score_threshold=cfg.f1_score_threshold,
+        _convert_="all",
+    )
+
+    fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
+    ckpt_path, run_id = resume_point(cfg)
+    logger = None
+    if not fast_dev_run:  # Lightning turns loggers off for fast_dev_run anyway: make no empty run
+        overrides, hydra_cfg = _hydra_overrides()
+        logger = tracking.create_logger(
+            cfg, run_id, tracking.run_tags(cfg, overrides, model.backend)
+        )
+        (output_dir / tracking.RUN_ID_FILE).write_text(logger.run_id + "\n")
+        tracking.log_config(logger, cfg, overrides, hydra_cfg)
+
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor=cfg.callbacks.monitor,
+        mode=cfg.callbacks.mode,
+        save_top_k=1,
+        save_last=True,
+        every_n_train_steps=cfg.callbacks.get("checkpoint_every_n_train_steps"),
+    )
+    callbacks = [
+        checkpoint,
+        ValidationArtifacts(num_overlays=cfg.num_overlays),
+        MlflowCheckpoints(
+            checkpoint, every_epoch=cfg.logger.get("log_last_checkpoint_every_epoch", True)
+        ),
+    ]
+    if cfg.callbacks.get("rich_progress", True):
+        callbacks.append(RichProgressBar(leave=True))
+    if cfg.callbacks.get("early_stopping_patience"):
+        callbacks.append(
+            EarlyStopping(
+                cfg.callbacks.monitor,
+                patience=cfg.callbacks.early_stopping_patience,
+                mode=cfg.callbacks.mode,
+            )
+        )
+
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        default_root_dir=str(output_dir),
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if checkpoint.best_model_score is not None:
+        metrics["best/" + cfg.callbacks.monitor] = float(checkpoint.best_model_score)
+    objects = {
+        "trainer": trainer,
+        "model": model,
+        "datamodule": datamodule,
+        "logger": logger,
+        "run_id": logger.run_id if logger else None,
+        "checkpoint": checkpoint,
+        "output_dir": output_dir,
+    }
+    return metrics, objects
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _hydra_overrides() -> tuple[list[str], DictConfig | None]:
+    if not HydraConfig.initialized():
+        return [], None
+    hc = HydraConfig.get()
+    return list(hc.overrides.task), hc
+
+
+def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """(checkpoint path, MLflow run id) to continue from, or (None, None) for a fresh run.
+
+    ``resume`` is a Hydra output folder (holds the run id file and checkpoints/last.ckpt) or an
+    MLflow run id (last.ckpt is then fetched from the run's artifacts)."""
+    resume = cfg.get("resume")
+    if not resume:
+        return None, None
+    folder = Path(str(resume))
+    if folder.is_dir():
+        id_file = folder / tracking.RUN_ID_FILE
+        if not id_file.is_file():
+            raise ConfigError(
+                f"resume={resume}: no {tracking.RUN_ID_FILE} in that folder (not a training run?)"
+            )
+        run_id = id_file.read_text().strip()
+        local = folder / "checkpoints" / tracking.LAST_CKPT
+        if local.is_file():
+            return str(local), run_id
+    else:
+        run_id = str(resume)
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    client = mlflow.MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"resume={resume}: no such MLflow run in {uri}") from None
+    dst = Path(tempfile.mkdtemp(prefix="cartridgeocr-resume-"))
+    try:
+        path = client.download_artifacts(
+            run_id, f"{tracking.CHECKPOINT_DIR}/{tracking.LAST_CKPT}", str(dst)
+        )
+    except Exception:
+        raise ConfigError(
+            f"resume={resume}: run {run_id} has no {tracking.CHECKPOINT_DIR}/{tracking.LAST_CKPT}"
+        ) from None
+    return path, run_id

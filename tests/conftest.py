@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny generated COCO dataset and the real training config, shrunk for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "configs")
+REAL_SAMPLE = ROOT.parent / "shared" / "real-headstamps"
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def ellipse_polygon(cx: float, cy: float, a: float, b: float, n: int = 32) -> list[float]:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1).round(2).ravel().tolist()
+
+
+def write_tiny_coco(
+    root: Path, num_images: int = 6, size: int = 96, seed: int = 0
+) -> tuple[Path, Path]:
+    """Brass discs with a darker primer on a grey table: easy enough to overfit in a few steps."""
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(60, 120, 3)))
+        draw = ImageDraw.Draw(img)
+        r = rng.uniform(0.22, 0.35) * size
+        cx, cy = rng.uniform(r + 2, size - r - 2, 2)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(200, 160, 60))
+        pr = r * 0.35
+        draw.ellipse([cx - pr, cy - pr, cx + pr, cy + pr], fill=(120, 90, 40))
+        name = f"img_{i:03d}.png"
+        img.save(images_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+        for k, (cid, rad) in enumerate(((1, r), (2, pr))):
+            annotations.append(
+                {
+                    "id": 2 * i + k + 1,
+                    "image_id": i + 1,
+                    "category_id": cid,
+                    "iscrowd": 0,
+                    "bbox": [cx - rad, cy - rad, 2 * rad, 2 * rad],
+                    "area": float(np.pi * rad * rad),
+                    "segmentation": [ellipse_polygon(cx, cy, rad, rad)],
+                }
+            )
+    categories = [{"id": 1, "name": "casing"}, {"id": 2, "name": "primer"}]
+    ann_path = root / "annotations.json"
+    ann_path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return ann_path, images_dir
+
+
+@pytest.fixture
+def tiny_coco(tmp_path: Path) -> tuple[Path, Path]:
+    return write_tiny_coco(tmp_path / "tiny")
+
+
+def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
+    """The real train config, composed as the CLI would, with paths in tmp_path and tiny sizes."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides or [], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = str(tmp_path)
+        cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+        cfg.paths.shared_dir = str(ROOT.parent / "shared")
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None) -> list[str]:
+    return [
+        "data=coco",
+        f"data.annotations={ann}",
+        f"data.images={images}",
+        "data.image_size=96",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.val_fraction=0.34",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "callbacks.rich_progress=false",
+        "model.anchor_sizes=[8,16,32,64,96]",
+        "model/backbone=resnet18",
+        "num_overlays=2",
+        "summary=false",
+        *(extra or []),
+    ]

@@ -1,0 +1,199 @@
+"""`train(cfg)` end to end on tiny images: every backend/backbone, MLflow records, resume, seeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import ROOT, compose_train_cfg, tiny_train_overrides, write_tiny_coco
+
+from cartridgeocr import tracking
+from cartridgeocr.train import train
+
+ARCHS = ["maskrcnn", "fasterrcnn", "retinanet"]
+BACKBONES = ["resnet18", "resnet34", "resnet50", "mobilenet_v3"]
+
+
+def _client(tmp_path: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backend_and_backbone_trains_a_step(tmp_path, arch, backbone):
+    ann, images = write_tiny_coco(tmp_path / "data", num_images=4)
+    overrides = tiny_train_overrides(
+        ann, images, [f"model={arch}", f"model/backbone={backbone}", "trainer.fast_dev_run=true"]
+    )
+    metrics, objects = train(compose_train_cfg(tmp_path, overrides))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert "val/map_50" in metrics and "val/f1" in metrics
+    assert ("val/segm_map" in metrics) == (arch == "maskrcnn")
+    assert objects["run_id"] is None  # fast_dev_run makes no MLflow run
+
+
+def test_run_records_params_metrics_and_artifacts(tmp_path, tiny_coco):
+    ann, images = tiny_coco
+    cfg = compose_train_cfg(
+        tmp_path, tiny_train_overrides(ann, images, ["model=maskrcnn", "trainer.max_epochs=2"])
+    )
+    metrics, objects = train(cfg)
+    run_id = objects["run_id"]
+    run = _client(tmp_path).get_run(run_id)
+
+    assert run.data.params["model.arch"] == "maskrcnn"
+    assert run.data.params["model.backbone.name"] == "resnet18"
+    assert run.data.params["data.image_size"] == "96"  # resolved, not "${...}"
+    assert all("${" not in v for v in run.data.params.values())
+    for key in (
+        "train/loss",
+        "train/classifier",
+        "train/mask",
+        "val/map",
+        "val/map_50",
+        "val/map_50_casing",
+        "val/map_50_primer",
+        "val/segm_map",
+        "val/f1",
+    ):
+        assert key in run.data.metrics, key
+    tags = run.data.tags
+    assert (
+        tags["backend"] == "maskrcnn"
+        and tags["backbone"] == "resnet18"
+        and tags["dataset"] == "coco"
+    )
+    assert "git_commit" in tags and "data.image_size=96" in tags["overrides"]
+
+    files = _artifacts(_client(tmp_path), run_id)
+    for expected in (
+        "config/config.yaml",
+        "config/overrides.yaml",
+        "config/hydra.yaml",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "predictions/epoch_000.json",
+        "predictions/epoch_001.json",
+        "plots/loss.png",
+    ):
+        assert expected in files, expected
+    assert any(f.startswith("overlays/epoch_001/") and f.endswith(".png") for f in files)
+
+    preds_path = _client(tmp_path).download_artifacts(
+        run_id, "predictions/epoch_001.json", str(tmp_path)
+    )
+    preds = json.loads(Path(preds_path).read_text())
+    assert preds and {"image_id", "category_id", "bbox", "score", "file_name"} <= set(preds[0])
+    assert (objects["output_dir"] / tracking.RUN_ID_FILE).read_text().strip() == run_id
+    # The store is where `mlflow ui` in the project folder looks: mlflow.db with ./mlruns beside it.
+    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
+
+
+def test_loss_falls_when_overfitting_one_batch(tmp_path, tiny_coco):
+    ann, images = tiny_coco
+    cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, ["model=fasterrcnn"]))
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data, augment={"name": "none"}, _convert_="all")
+    dm.setup("fit")
+    images_b, targets = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, optim={"name": "sgd", "lr": 0.01}, _convert_="all")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(25):
+        loss = sum(model.loss(images_b, targets).values())
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert min(losses[-5:]) < 0.6 * losses[0], losses
+
+
+def test_seed_zero_is_honoured(tmp_path, tiny_coco):
+    ann, images = tiny_coco
+    cfg = compose_train_cfg(
+        tmp_path, tiny_train_overrides(ann, images, ["seed=0", "trainer.fast_dev_run=true"])
+    )
+    torch.manual_seed(1234)
+    train(cfg)
+    assert torch.initial_seed() == 0
+
+
+def test_resume_continues_the_same_mlflow_run(tmp_path, tiny_coco):
+    ann, images = tiny_coco
+    base = tiny_train_overrides(ann, images, ["model=fasterrcnn"])
+    _, first = train(compose_train_cfg(tmp_path, base))
+    out_dir = first["output_dir"]
+    cfg = compose_train_cfg(tmp_path, [*base, "trainer.max_epochs=2", f"resume={out_dir}"])
+    _, second = train(cfg)
+    assert second["run_id"] == first["run_id"]
+    assert second["trainer"].current_epoch == 2
+    client = _client(tmp_path)
+    history = client.get_metric_history(first["run_id"], "val/map_50")
+    assert len(history) == 2  # epoch 0 from the first process, epoch 1 from the resumed one
+    assert (
+        len(client.search_runs([client.get_experiment_by_name("cartridgeocr").experiment_id])) == 1
+    )
+
+
+def test_tracking_uri_env_is_read_at_run_time(tmp_path, tiny_coco, monkeypatch):
+    ann, images = tiny_coco
+    store = tmp_path / "elsewhere" / "store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, ["model=retinanet"]))
+    _, objects = train(cfg)
+    assert store.is_file()
+    assert mlflow.MlflowClient(f"sqlite:///{store}").get_run(objects["run_id"])
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cartridgeocr.cli.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_unknown_option_is_a_plain_hydra_error(tmp_path):
+    res = _cli("trainer.no_such_option=1", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "no_such_option" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_missing_annotation_file_is_one_line(tmp_path):
+    res = _cli(
+        "data=coco",
+        f"data.annotations={tmp_path / 'nope.json'}",
+        f"data.images={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2
+    assert "nope.json" in res.stderr and "Traceback" not in res.stderr
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_config_groups_compose_for_every_backend(tmp_path):
+    for arch in ARCHS:
+        for backbone in BACKBONES:
+            cfg = compose_train_cfg(
+                tmp_path, [f"model={arch}", f"model/backbone={backbone}", "optim=adamw"]
+            )
+            assert cfg.model.arch == arch and cfg.optim.name == "adamw"
+    assert (ROOT / "configs" / "augment").is_dir()
