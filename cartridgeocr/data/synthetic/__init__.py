@@ -1,0 +1,54 @@
+"""Built-in synthetic dataset: photo-like renders of cartridge heads with exact labels.
+
+Each image shows 1-3 cartridge heads (pistol, rifle, military, shotgun; brass, nickel, steel,
+aluminium) under a perspective camera on a procedural surface, with stamped headstamp text.
+Labels are computed analytically from the same homography that draws the head, so casing and
+primer ellipses are exact. See ``render_dataset`` / ``ensure_synthetic``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .scene import RenderResult, render_scene
+from .writer import (
+    GENERATOR_VERSION,
+    SynthError,
+    cache_key,
+    dataset_params,
+    ensure_synthetic,
+    existing_params,
+    render_dataset,
+    validate_params,
+)
+
+
+def render_sample(seed: int, image_size: int, index: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """One RGB uint8 image and its annotation dicts (no ids): image ``index`` of dataset ``seed``.
+
+    The pixels are those before JPEG encoding; the dataset file is the same image, compressed.
+    """
+    _, _, size = validate_params(1, seed, image_size)
+    res = render_scene(int(seed), int(index), size)
+    return res.image, res.annotations
+
+
+def render_with_masks(seed: int, image_size: int, index: int = 0) -> RenderResult:
+    """Like ``render_sample`` but also returns each casing's drawn alpha mask (for label checks)."""
+    _, _, size = validate_params(1, seed, image_size)
+    return render_scene(int(seed), int(index), size, with_masks=True)
+
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "RenderResult",
+    "SynthError",
+    "cache_key",
+    "dataset_params",
+    "ensure_synthetic",
+    "existing_params",
+    "render_dataset",
+    "render_sample",
+    "render_with_masks",
+    "validate_params",
+]

@@ -1,0 +1,244 @@
+"""Headstamp wording and its rasterisation around the ring between primer and rim.
+
+Text is drawn straight into a strip with Pillow (DejaVu fonts shipped with matplotlib), then
+bent into the ring with one ``cv2.remap``: strip x is arc length, strip y is depth from the rim.
+Decorations (dots, stars, the NATO cross-in-circle) are drawn between segments but are not
+part of the label text, as in the hand-made real labels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# fmt: off
+PISTOL_MAKERS = [
+    "WIN", "W-W", "WINCHESTER", "FC", "FEDERAL", "R-P", "REM", "CBC", "S&B", "PMC", "HORNADY",
+    "SPEER", "BLAZER", "CCI", "PPU", "GECO", "AGUILA", "FIOCCHI", "MAGTECH", "NORMA", "HSM",
+    "IMI", "SIG", "STARLINE", "TZZ", "SELLIER & BELLOT", "PRVI PARTIZAN", "A-MERC", "NT",
+]
+PISTOL_CALIBRES = [
+    "9MM LUGER", "9MM", "9 MM", "9x19", "9MM PARA", "9MM LUGER +P+", "45 AUTO", "45 ACP",
+    "40 S&W", "380 AUTO", ".380 AUTO", "38 SPL", "38 SPECIAL", "357 MAG", "10MM AUTO",
+    "32 AUTO", "357 SIG", "9x18", "7.62x25", "44 MAG", "25 AUTO", ".45 COLT", "9MM MAK",
+]
+RIFLE_MAKERS = [
+    "WIN", "W-W", "FC", "R-P", "LC", "WCC", "PMC", "HORNADY", "LAPUA", "PPU", "S&B", "IVI",
+    "TZZ", "FN", "MEN", "NORMA", "IMI", "SAKO", "GGG", "HXP", "FNM", "BARNAUL", "WOLF", "TULA",
+]
+RIFLE_CALIBRES = [
+    "223 REM", ".223 REM", "5.56", "5.56 MM", "5.56x45", "308 WIN", "7.62x39", "7.62x51",
+    "7.62x54R", "30-06 SPRG", "30-06", "300 BLK", "6.5 CM", "6.5 CREEDMOOR", "270 WIN",
+    "243 WIN", "22-250 REM", "30-30 WIN", "7MM REM MAG", "300 WIN MAG", "8x57", "6.5x55",
+    ".303 BRITISH", "7MM-08 REM", "25-06 REM",
+]
+MILITARY_MAKERS = ["LC", "WCC", "IVI", "FNM", "MEN", "GGG", "TW", "RA", "DA", "FA", "HXP", "PMP", "IK"]
+SHOTGUN_MAKERS = [
+    "WINCHESTER", "REMINGTON", "FEDERAL", "FIOCCHI", "RIO", "CHEDDITE", "PETERS", "WESTERN",
+    "BAIKAL", "CLEVER", "ESTATE", "SUPER-X", "NOBEL SPORT", "B&P", "AA", "GAMEBORE", "ELEY",
+]
+SHOTGUN_GAUGES = [
+    "12 GA", "20 GA", "16 GA", "28 GA", "410 GA", "12", "No 12", "12 GAUGE", "20 GAUGE", "12 CAL",
+]
+FONT_FILES = [
+    "DejaVuSans-Bold.ttf", "DejaVuSans.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono.ttf",
+    "DejaVuSerif-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSans-BoldOblique.ttf",
+]
+# fmt: on
+FONT_WEIGHTS = [0.3, 0.15, 0.2, 0.1, 0.12, 0.08, 0.05]
+
+
+def font_dir() -> Path:
+    """Folder of the DejaVu TTFs that matplotlib ships (no download, no system fonts needed)."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("matplotlib is required for its bundled DejaVu fonts")
+    return Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf"
+
+
+@lru_cache(maxsize=256)
+def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(font_dir() / name), size=size)
+
+
+@dataclass
+class Headstamp:
+    """What is stamped: segments clockwise, the mark after each one, and the lettering style."""
+
+    segments: list[str]
+    marks: list[str]  # one per segment, drawn after it: "", "dot", "star", "nato"
+    font: str
+    outward: bool  # letter tops towards the rim (text reads clockwise); else towards the primer
+    tracking: float  # extra space between letters, fraction of the font size
+    stretch: float  # horizontal scale of the letters (condensed < 1 < extended)
+    fill: float  # font size as a fraction of the ring width
+
+
+def _split(tokens: list[str], n: int, rng: np.random.Generator) -> list[str]:
+    """Split tokens into ``n`` contiguous, non-empty groups."""
+    n = max(1, min(n, len(tokens)))
+    cuts = sorted(rng.choice(np.arange(1, len(tokens)), size=n - 1, replace=False)) if n > 1 else []
+    bounds = [0, *cuts, len(tokens)]
+    return [" ".join(tokens[bounds[i] : bounds[i + 1]]) for i in range(n)]
+
+
+def make_headstamp(rng: np.random.Generator, kind: str) -> Headstamp:
+    """A plausible headstamp for a pistol, rifle, military or shotgun case."""
+    marks_pool = ["", "dot", "star"]
+    if kind == "shotgun":
+        maker = str(rng.choice(SHOTGUN_MAKERS))
+        tokens = [maker, str(rng.choice(SHOTGUN_GAUGES))]
+        if rng.random() < 0.3:
+            tokens.insert(1, str(rng.choice(["USA", "SUPER SPEED", "XPERT", "GAME LOAD", "ITALY"])))
+        tokens = " ".join(tokens).split()
+        n = int(rng.choice([1, 2, 2, 3]))
+    elif kind == "military":
+        maker = str(rng.choice(MILITARY_MAKERS))
+        year = f"{int(rng.integers(0, 100)):02d}"
+        tokens = [maker, year]
+        if rng.random() < 0.3:
+            tokens.append(str(rng.choice(["5.56", "7.62", "223", "308", "50"])))
+        n = int(rng.integers(1, len(tokens) + 1))
+        marks_pool = ["", "", "nato", "dot"]
+    else:
+        makers, calibres = (
+            (PISTOL_MAKERS, PISTOL_CALIBRES) if kind == "pistol" else (RIFLE_MAKERS, RIFLE_CALIBRES)
+        )
+        maker = str(rng.choice(makers))
+        cal = str(rng.choice(calibres))
+        r = rng.random()
+        if r < 0.15:
+            tokens = [*maker.split(), "USA", *cal.split()]
+        elif r < 0.25:
+            tokens = [*cal.split(), *maker.split()]
+        else:
+            tokens = [*maker.split(), *cal.split()]
+        # Keep multi-word makers together most of the time.
+        n = int(rng.choice([1, 2, 2, 3, 3, 4]))
+    segments = _split(tokens, n, rng)
+    marks = [str(rng.choice(marks_pool)) if rng.random() < 0.5 else "" for _ in segments]
+    if kind == "military" and rng.random() < 0.6:
+        marks[int(rng.integers(len(marks)))] = "nato"
+    font = FONT_FILES[
+        int(rng.choice(len(FONT_FILES), p=np.array(FONT_WEIGHTS) / sum(FONT_WEIGHTS)))
+    ]
+    return Headstamp(
+        segments=segments,
+        marks=marks,
+        font=font,
+        outward=bool(rng.random() < 0.8),
+        tracking=float(rng.uniform(0.0, 0.25)),
+        stretch=float(rng.uniform(0.75, 1.15)),
+        fill=float(rng.uniform(0.62, 0.92)),
+    )
+
+
+def _segment_width(font: ImageFont.FreeTypeFont, text: str, track: float) -> float:
+    return sum(font.getlength(ch) + track for ch in text) - track
+
+
+def _mark_width(mark: str, size: float) -> float:
+    return {"": 0.0, "dot": 0.5 * size, "star": 0.8 * size, "nato": 1.1 * size}[mark]
+
+
+def _draw_mark(draw: ImageDraw.ImageDraw, mark: str, x: float, yc: float, size: float) -> None:
+    if mark == "dot":
+        r = 0.13 * size
+        draw.ellipse([x - r, yc - r, x + r, yc + r], fill=255)
+    elif mark == "star":
+        pts = []
+        for k in range(10):
+            rr = (0.32 if k % 2 == 0 else 0.13) * size
+            a = -np.pi / 2 + k * np.pi / 5
+            pts.append((x + rr * np.cos(a), yc + rr * np.sin(a)))
+        draw.polygon(pts, fill=255)
+    elif mark == "nato":
+        r = 0.42 * size
+        w = max(1, int(round(0.09 * size)))
+        draw.ellipse([x - r, yc - r, x + r, yc + r], outline=255, width=w)
+        draw.line([x - r, yc, x + r, yc], fill=255, width=w)
+        draw.line([x, yc - r, x, yc + r], fill=255, width=w)
+
+
+def ring_text_mask(
+    hs: Headstamp,
+    rng: np.random.Generator,
+    r_px: np.ndarray,
+    theta: np.ndarray,
+    r_in: float,
+    r_out: float,
+) -> tuple[np.ndarray, list[float]]:
+    """Stamp mask (float32 in [0, 1]) on the texture grid, and each segment's centre angle.
+
+    ``r_px``/``theta`` give every texture pixel's radius (px) and angle (radians, clockwise from
+    texture up); the text fills the ring ``r_in..r_out`` (px). Angles returned are clockwise from
+    texture up, in radians.
+    """
+    ring_w = r_out - r_in
+    r_mid = (r_in + r_out) / 2
+    sx = hs.stretch
+    size = max(5.0, ring_w * hs.fill)
+    # Shrink the lettering until everything fits in ~85 % of the circumference.
+    for _ in range(6):
+        font = _font(hs.font, int(round(size)))
+        track = hs.tracking * size
+        widths = [_segment_width(font, t, track) for t in hs.segments]
+        marks = [_mark_width(m, size) for m in hs.marks]
+        pad = 0.35 * size * len(hs.segments)
+        total_px = (sum(widths) + sum(marks) + pad) * sx
+        if total_px <= 0.85 * 2 * np.pi * r_mid or size <= 5:
+            break
+        size *= max(0.6, 0.85 * 2 * np.pi * r_mid / total_px)
+    circ = 2 * np.pi * r_mid / sx  # strip length in strip pixels
+    strip_w = int(np.ceil(circ)) + 2
+    strip_h = int(np.ceil(ring_w)) + 2
+    strip = Image.new("L", (strip_w, strip_h), 0)
+    draw = ImageDraw.Draw(strip)
+    # Segment layout along the strip: spread around the ring with jittered gaps.
+    n = len(hs.segments)
+    occupied = [w + m + 0.35 * size for w, m in zip(widths, marks, strict=True)]
+    free = max(circ - sum(occupied), 0.0)
+    gaps = rng.uniform(0.7, 1.3, n)
+    gaps = gaps / gaps.sum() * free
+    x = rng.uniform(0, circ)
+    cap_top, cap_bottom = font.getbbox("H", anchor="ls")[1], 0
+    yc = 1.0 + ring_w / 2  # strip row 1 is the ring's outer (outward) or inner (inward) edge
+    baseline = yc + (cap_bottom - cap_top) / 2
+    centres = []
+    for text, w, m, mark, gap in zip(hs.segments, widths, marks, hs.marks, gaps, strict=True):
+        centres.append(x + w / 2)
+        for offset in (-circ, 0.0, circ):
+            cx = x + offset
+            for ch in text:
+                draw.text((cx, baseline), ch, font=font, fill=255, anchor="ls")
+                cx += font.getlength(ch) + track
+            if mark:
+                _draw_mark(draw, mark, x + offset + w + 0.175 * size + m / 2, yc, size)
+        x += w + m + 0.35 * size + gap
+    strip_arr = np.asarray(strip, dtype=np.float32) / 255.0
+    # Bend the strip into the ring.
+    if hs.outward:
+        map_x = theta * (r_mid / sx)
+        map_y = (r_out - r_px) + 1.0
+    else:
+        map_x = (2 * np.pi - theta) * (r_mid / sx)
+        map_y = (r_px - r_in) + 1.0
+    mask = cv2.remap(
+        strip_arr,
+        map_x.astype(np.float32),
+        map_y.astype(np.float32),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    angles = []
+    for c in centres:
+        a = (c % circ) / circ * 2 * np.pi
+        angles.append(float(a if hs.outward else (2 * np.pi - a) % (2 * np.pi)))
+    return mask, angles
