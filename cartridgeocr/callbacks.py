@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -126,3 +128,26 @@ class MlflowCheckpoints(Callback):
             with tempfile.TemporaryDirectory() as tmp:
                 path = plot_losses(history, Path(tmp) / tracking.LOSS_PLOT)
                 client.log_artifact(run_id, str(path), tracking.PLOTS_DIR)
+
+
+class CpuBudget(Callback):
+    """Stops training once this process (and its finished data workers) used ``minutes`` of CPU
+    time. Unlike wall-clock limits, it gives comparable budgets on a busy or a quiet machine."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = 60.0 * minutes
+        self.used = 0.0
+        self._start = 0.0
+
+    @staticmethod
+    def _cpu() -> float:
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + child.ru_utime + child.ru_stime
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._cpu()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.used = self._cpu() - self._start
+        if self.used >= self.seconds:
+            trainer.should_stop = True

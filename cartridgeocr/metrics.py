@@ -12,6 +12,8 @@ Logged names:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -20,6 +22,9 @@ from torchvision.ops import box_iou
 
 from cartridgeocr.categories import CATEGORY_NAMES
 from cartridgeocr.detections import Detections
+
+# faster-coco-eval prints its whole summary at INFO for every evaluation.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 TRAIN_LOSS = "train/loss"
 VAL_MAP = "val/map"

@@ -113,6 +113,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], backend: str) -> dict[str, s
         "git_commit": commit,
         "mlflow.source.git.commit": commit,
         "overrides": " ".join(overrides) or "(none)",
+        **({"pretrained_from": str(cfg.pretrained_from)} if cfg.get("pretrained_from") else {}),
     }
 
 

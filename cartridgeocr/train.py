@@ -17,10 +17,10 @@ import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cartridgeocr import tracking
-from cartridgeocr.callbacks import MlflowCheckpoints, ValidationArtifacts
+from cartridgeocr.callbacks import CpuBudget, MlflowCheckpoints, ValidationArtifacts
 from cartridgeocr.errors import ConfigError
 
 log = logging.getLogger("cartridgeocr.train")
@@ -87,6 +87,8 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ]
     if cfg.callbacks.get("rich_progress", True):
         callbacks.append(RichProgressBar(leave=True))
+    if cfg.callbacks.get("cpu_budget_minutes"):
+        callbacks.append(CpuBudget(cfg.callbacks.cpu_budget_minutes))
     if cfg.callbacks.get("early_stopping_patience"):
         callbacks.append(
             EarlyStopping(
@@ -167,3 +169,62 @@ def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
             f"resume={resume}: run {run_id} has no {tracking.CHECKPOINT_DIR}/{tracking.LAST_CKPT}"
         ) from None
     return path, run_id
+
+
+def train_with_finetune(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """`train(cfg)`, then, when ``finetune.annotations`` is set, a second run that starts from the
+    first run's best checkpoint and trains on the user's own labelled photos.
+
+    Both stages are MLflow runs of their own; the fine-tune run is tagged with the pre-training
+    run's id (``pretrained_from``) so the UI links them."""
+    metrics, objects = train(cfg)
+    ft = cfg.get("finetune")
+    if not ft or not ft.get("annotations"):
+        return metrics, objects
+    stage2 = finetune_config(cfg, objects)
+    ft_metrics, ft_objects = train(stage2)
+    ft_objects["pretrain"] = objects
+    return ft_metrics, ft_objects
+
+
+def finetune_config(cfg: DictConfig, pretrain: dict[str, Any]) -> DictConfig:
+    """The fine-tune stage: data=coco on the user's photos, weights from the pre-trained run."""
+    ft = cfg.finetune
+    if not ft.get("images"):
+        raise ConfigError(
+            "finetune.images: set it to the folder of the photos in finetune.annotations"
+        )
+    ckpt = pretrain["checkpoint"]
+    weights = ckpt.best_model_path or ckpt.last_model_path
+    if not weights:
+        raise ConfigError("finetune: the pre-training stage saved no checkpoint to start from")
+    data = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "coco.yaml")
+    stage2 = OmegaConf.to_container(cfg, resolve=True)
+    stage2 = OmegaConf.create(stage2)
+    with open_dict(stage2):
+        data_cfg = OmegaConf.merge(
+            data,
+            {
+                "name": "finetune",
+                "annotations": str(ft.annotations),
+                "images": str(ft.images),
+                "val_annotations": ft.get("val_annotations"),
+                "val_images": ft.get("val_images"),
+                "val_fraction": ft.get("val_fraction", 0.2),
+                "image_size": cfg.data.image_size,
+                "batch_size": cfg.data.batch_size,
+                "num_workers": cfg.data.num_workers,
+                "seed": cfg.get("seed") or 0,
+            },
+        )
+        stage2.data = data_cfg
+        stage2.model.weights_path = str(weights)
+        stage2.optim.lr = float(cfg.optim.lr) * float(ft.get("lr_scale", 0.3))
+        stage2.trainer.max_epochs = int(ft.get("max_epochs", 15))
+        stage2.callbacks.cpu_budget_minutes = ft.get("cpu_budget_minutes")
+        stage2.paths.output_dir = str(Path(cfg.paths.output_dir) / "finetune")
+        stage2.run_name = f"{cfg.get('run_name') or 'real_photos'}-finetune"
+        stage2.finetune = None
+        stage2.resume = None
+        stage2.pretrained_from = pretrain.get("run_id")
+    return stage2

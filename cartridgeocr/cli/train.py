@@ -21,6 +21,8 @@ def print_summary(cfg: DictConfig, metrics: dict[str, float], objects: dict) -> 
     from cartridgeocr.metrics import VAL_F1, VAL_MAP, VAL_MAP_50, VAL_MAP_50_PER_CLASS, VAL_SEGM_MAP
 
     table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     logger = objects.get("logger")
     run_id = objects.get("run_id") or "-"
     table.add_row("run id", run_id)
@@ -73,11 +75,11 @@ def resume_config(cfg: DictConfig) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    from cartridgeocr.train import train
+    from cartridgeocr.train import train_with_finetune
 
     def go():
         run_cfg = resume_config(cfg) if cfg.get("resume") else cfg
-        metrics, objects = train(run_cfg)
+        metrics, objects = train_with_finetune(run_cfg)
         if run_cfg.get("summary", True):
             print_summary(run_cfg, metrics, objects)
         # The monitored metric is returned for Hydra sweepers (e.g. Optuna).

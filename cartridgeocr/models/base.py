@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from cartridgeocr.detections import Detections
 from cartridgeocr.metrics import TRAIN_LOSS, DetectionEvaluator, train_component
 
+CHECKPOINT_CLASS_KEY = "cartridgeocr_class"
+
 
 class DetectorModule(L.LightningModule):
     """Shared LightningModule: subclasses set ``backend``/``with_masks`` and implement the interface."""
@@ -88,6 +90,10 @@ class DetectorModule(L.LightningModule):
         metrics = self.evaluator.compute()
         self.evaluator.reset()
         self.log_dict(metrics, sync_dist=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain strings: `load_detector` finds the class without unpickling code.
+        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"
 
     def configure_optimizers(self) -> Any:
         return build_optimizer(
@@ -162,3 +168,25 @@ def load_weights(module: nn.Module, path: str) -> None:
     missing, _ = target.load_state_dict(state, strict=False)
     if len(missing) == len(target.state_dict()):
         raise ValueError(f"{path}: none of its tensors match this model (wrong architecture?)")
+
+
+def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> DetectorModule:
+    """Any backend's Lightning checkpoint -> its module in eval mode, loaded with weights_only=True."""
+    import importlib
+
+    from cartridgeocr.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    target = ckpt.get(CHECKPOINT_CLASS_KEY) if isinstance(ckpt, dict) else None
+    if not target:
+        raise ConfigError(f"{path}: not a CartridgeOCR checkpoint (no {CHECKPOINT_CLASS_KEY})")
+    module_name, _, qualname = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), qualname)
+    model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    return model.eval()
