@@ -197,3 +197,20 @@ def test_config_groups_compose_for_every_backend(tmp_path):
             )
             assert cfg.model.arch == arch and cfg.optim.name == "adamw"
     assert (ROOT / "configs" / "augment").is_dir()
+
+
+def test_cli_trains_then_resumes_from_its_output_folder(tmp_path, tiny_coco):
+    ann, images = tiny_coco
+    args = [a for a in tiny_train_overrides(ann, images, ["model=retinanet", "summary=true"])]
+    first = _cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(out_dirs) == 1 and (out_dirs[0] / tracking.RUN_ID_FILE).is_file()
+    run_id = (out_dirs[0] / tracking.RUN_ID_FILE).read_text().strip()
+    assert run_id in first.stdout + first.stderr  # the summary names the run
+
+    second = _cli(f"resume={out_dirs[0]}", "trainer.max_epochs=2", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    client = _client(tmp_path)
+    assert len(client.get_metric_history(run_id, "val/map_50")) == 2
+    assert client.get_run(run_id).info.status == "FINISHED"

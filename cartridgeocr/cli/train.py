@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import lightning.pytorch  # noqa: F401  (its console handler must exist before Hydra's logging config replaces it)
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.panel import Panel

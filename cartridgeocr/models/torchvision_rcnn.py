@@ -40,6 +40,8 @@ class TorchvisionDetector(DetectorModule):
         score_threshold: float = 0.05,
         nms_iou: float = 0.5,
         detections_per_image: int = 20,
+        rpn_proposals: list[int] = (2000, 1000),
+        box_batch_size_per_image: int = 512,
         weights_path: str | None = None,
         optim: dict | None = None,
         f1_score_threshold: float = 0.5,
@@ -57,6 +59,8 @@ class TorchvisionDetector(DetectorModule):
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou
         self.detections_per_image = detections_per_image
+        self.rpn_proposals = [int(n) for n in rpn_proposals]
+        self.box_batch_size_per_image = int(box_batch_size_per_image)
         self._image_size = int(image_size)
         super().__init__(optim, f1_score_threshold, image_size, weights_path)
         self.save_hyperparameters()
@@ -99,6 +103,11 @@ class TorchvisionDetector(DetectorModule):
             box_score_thresh=self.score_threshold,
             box_nms_thresh=self.nms_iou,
             box_detections_per_img=self.detections_per_image,
+            rpn_post_nms_top_n_train=self.rpn_proposals[0],
+            rpn_pre_nms_top_n_train=self.rpn_proposals[0],
+            rpn_post_nms_top_n_test=self.rpn_proposals[1],
+            rpn_pre_nms_top_n_test=self.rpn_proposals[1],
+            box_batch_size_per_image=self.box_batch_size_per_image,
             min_size=self._image_size,
             max_size=self._image_size,
         )
