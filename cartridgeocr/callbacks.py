@@ -92,8 +92,11 @@ class MlflowCheckpoints(Callback):
     """Uploads checkpoints/last.ckpt after each validation (so a killed run can resume from MLflow),
     and at the end checkpoints/best.ckpt, checkpoints/last.ckpt and plots/loss.png."""
 
-    def __init__(self, checkpoint: ModelCheckpoint, every_epoch: bool = True) -> None:
-        self.checkpoint = checkpoint
+    def __init__(
+        self, best: ModelCheckpoint, last: ModelCheckpoint, every_epoch: bool = True
+    ) -> None:
+        self.best = best
+        self.last = last
         self.every_epoch = every_epoch
 
     def _upload(self, trainer: L.Trainer, source: str | Path, name: str) -> None:
@@ -106,19 +109,19 @@ class MlflowCheckpoints(Callback):
             logger.experiment.log_artifact(logger.run_id, str(dst), tracking.CHECKPOINT_DIR)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # Runs after ModelCheckpoint has written this epoch's last.ckpt (Lightning runs it first).
+        # Runs after validation, where the `last` callback has written this epoch's last.ckpt.
         if self.every_epoch:
-            self._upload(trainer, self.checkpoint.last_model_path, tracking.LAST_CKPT)
+            self._upload(trainer, self.last.best_model_path, tracking.LAST_CKPT)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._upload(trainer, self.checkpoint.last_model_path, tracking.LAST_CKPT)
-        self._upload(trainer, self.checkpoint.best_model_path, tracking.BEST_CKPT)
+        self._upload(trainer, self.last.best_model_path, tracking.LAST_CKPT)
+        self._upload(trainer, self.best.best_model_path, tracking.BEST_CKPT)
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero:
             return
         client, run_id = logger.experiment, logger.run_id
         with tempfile.TemporaryDirectory() as tmp:
-            for path in pl_module.export_files(self.checkpoint.best_model_path or None, Path(tmp)):
+            for path in pl_module.export_files(self.best.best_model_path or None, Path(tmp)):
                 client.log_artifact(run_id, str(path), tracking.EXPORT_DIR)
         keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train/")]
         history = {

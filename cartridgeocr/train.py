@@ -17,6 +17,7 @@ import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cartridgeocr import tracking
@@ -65,8 +66,9 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger = tracking.create_logger(
             cfg, run_id, tracking.run_tags(cfg, overrides, model.backend)
         )
-        (output_dir / tracking.RUN_ID_FILE).write_text(logger.run_id + "\n")
-        tracking.log_config(logger, cfg, overrides, hydra_cfg)
+        if rank_zero_only.rank == 0:  # other DDP ranks get no run id
+            (output_dir / tracking.RUN_ID_FILE).write_text(logger.run_id + "\n")
+            tracking.log_config(logger, cfg, overrides, hydra_cfg)
 
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
@@ -75,14 +77,26 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         monitor=cfg.callbacks.monitor,
         mode=cfg.callbacks.mode,
         save_top_k=1,
-        save_last=True,
+    )
+    # A separate, unmonitored callback for last.ckpt: since Lightning 2.6 `save_last=True` rewrites
+    # it only when a new best is saved, which would make `resume=` restart from a stale epoch.
+    last = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename=Path(tracking.LAST_CKPT).stem,
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=False,
         every_n_train_steps=cfg.callbacks.get("checkpoint_every_n_train_steps"),
     )
     callbacks = [
         checkpoint,
+        last,
         ValidationArtifacts(num_overlays=cfg.num_overlays),
         MlflowCheckpoints(
-            checkpoint, every_epoch=cfg.logger.get("log_last_checkpoint_every_epoch", True)
+            best=checkpoint,
+            last=last,
+            every_epoch=cfg.logger.get("log_last_checkpoint_every_epoch", True),
         ),
     ]
     if cfg.callbacks.get("rich_progress", True):
@@ -116,6 +130,7 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "logger": logger,
         "run_id": logger.run_id if logger else None,
         "checkpoint": checkpoint,
+        "last_checkpoint": last,
         "output_dir": output_dir,
     }
     return metrics, objects
@@ -195,7 +210,7 @@ def finetune_config(cfg: DictConfig, pretrain: dict[str, Any]) -> DictConfig:
             "finetune.images: set it to the folder of the photos in finetune.annotations"
         )
     ckpt = pretrain["checkpoint"]
-    weights = ckpt.best_model_path or ckpt.last_model_path
+    weights = ckpt.best_model_path or pretrain["last_checkpoint"].best_model_path
     if not weights:
         raise ConfigError("finetune: the pre-training stage saved no checkpoint to start from")
     data = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "coco.yaml")

@@ -19,6 +19,7 @@ CONFIG_DIR = str(ROOT / "configs")
 REAL_SAMPLE = ROOT.parent / "shared" / "real-headstamps"
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 

@@ -19,7 +19,7 @@ def test_checkpoint_reloads_with_weights_only_and_predicts_the_same(tmp_path, ti
     cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, ["model=maskrcnn"]))
     _, objects = train(cfg)
     model = objects["model"].eval()
-    reloaded = load_detector(objects["checkpoint"].last_model_path)
+    reloaded = load_detector(objects["last_checkpoint"].best_model_path)
     assert type(reloaded) is type(model)
     batch = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(1))]
     a, b = model.predict(batch)[0], reloaded.predict(batch)[0]

@@ -97,6 +97,8 @@ def test_run_records_params_metrics_and_artifacts(tmp_path, tiny_coco):
     preds = json.loads(Path(preds_path).read_text())
     assert preds and {"image_id", "category_id", "bbox", "score", "file_name"} <= set(preds[0])
     assert (objects["output_dir"] / tracking.RUN_ID_FILE).read_text().strip() == run_id
+    last = torch.load(objects["output_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1  # rewritten every epoch, not only when the monitored metric improves
     # The store is where `mlflow ui` in the project folder looks: mlflow.db with ./mlruns beside it.
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
 

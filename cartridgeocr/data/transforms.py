@@ -12,8 +12,11 @@ image, masks, boxes and labels aligned and re-derives boxes from the masks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # it checks PyPI for updates on import
 
 import albumentations as A
 import cv2

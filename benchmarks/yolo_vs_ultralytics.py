@@ -1,0 +1,314 @@
+"""YOLO through this framework against YOLO through Ultralytics' own trainer, on the same data.
+
+    python benchmarks/yolo_vs_ultralytics.py [--epochs 30] [--num-images 120] [--imgsz 160] [--batch 8]
+
+Both train yolov8n (nc=2) from scratch for the same epochs on the same synthetic train split,
+with the same optimiser settings (AdamW, or SGD with --optimizer sgd) and, by default, no
+augmentation on either side, one optimiser step per batch, the same torch thread count and no
+AMP. Both final models (their EMA weights) are then scored by one evaluator,
+`cartridgeocr.metrics.DetectionEvaluator`, on the same validation images: ours on the val
+tensors, Ultralytics' through ``YOLO(last.pt).predict`` on the image files, its boxes mapped into
+the same letterboxed frame. Prints map_50 and training images/second for each.
+
+Everything stays offline; outputs go to --out (default .cache/bench_yolo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import cartridgeocr.models.yolo  # noqa: F401  (sets Ultralytics up offline before it is imported)
+from cartridgeocr.categories import CATEGORY_NAMES
+from cartridgeocr.data.datamodule import DetectionDataModule
+from cartridgeocr.detections import Detections
+from cartridgeocr.metrics import VAL_MAP, VAL_MAP_50, DetectionEvaluator
+from cartridgeocr.models.yolo import YoloDetector
+from cartridgeocr.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "yolov8n"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument(
+        "--num-images", type=int, default=120, help="synthetic renders (15%% validation)"
+    )
+    p.add_argument("--imgsz", type=int, default=160, help="image size, a multiple of 32")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="data-loader workers on both sides")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument(
+        "--aug",
+        choices=("none", "default"),
+        default="none",
+        help="none: no augmentation on either side; default: each framework's own default",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(".cache/bench_yolo"))
+    return p.parse_args()
+
+
+def optim_settings(args: argparse.Namespace, steps_per_epoch: int) -> tuple[dict, dict]:
+    """The same optimiser for both: our `optim` group values and Ultralytics' train() arguments."""
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if args.optimizer == "adamw":
+        lr = round(0.002 * 5 / (4 + len(CATEGORY_NAMES)), 6)  # Ultralytics' own pick for short runs
+        ours = {"name": "adamw", "lr": lr, "weight_decay": 5e-4, "betas": [0.9, 0.999]}
+        ours["scheduler"] = {"name": "cosine", "eta_min_ratio": 0.01, "warmup_steps": warmup_steps}
+        theirs = {"optimizer": "AdamW", "lr0": lr, "momentum": 0.9, "cos_lr": True}
+    else:
+        ours = {"name": "sgd", "lr": 0.01, "momentum": 0.937, "weight_decay": 5e-4}
+        ours["scheduler"] = {"name": "linear", "eta_min_ratio": 0.01, "warmup_steps": warmup_steps}
+        theirs = {"optimizer": "SGD", "lr0": 0.01, "momentum": 0.937, "cos_lr": False}
+    theirs.update(
+        weight_decay=5e-4,
+        lrf=0.01,
+        warmup_epochs=args.warmup_epochs,
+        warmup_bias_lr=0.0,
+        nbs=args.batch,  # nominal batch = batch: one optimiser step per batch, as ours
+    )
+    return ours, theirs
+
+
+def compose_cfg(args: argparse.Namespace, out: Path, optim: dict) -> DictConfig:
+    """The real train config (model=yolo, data=synthetic), composed as the CLI would."""
+    overrides = [
+        "model=yolo",
+        f"model.arch={ARCH}",
+        "data=synthetic",
+        f"data.num_images={args.num_images}",
+        f"data.image_size={args.imgsz}",
+        f"data.batch_size={args.batch}",
+        f"data.num_workers={args.workers}",
+        f"data.cache_dir={out / 'synthetic'}",
+        f"augment={'none' if args.aug == 'none' else 'light'}",
+        f"seed={args.seed}",
+        "trainer=cpu",
+        f"trainer.max_epochs={args.epochs}",
+        "trainer.enable_model_summary=false",
+        "callbacks.rich_progress=false",
+        f"logger.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}",
+        "num_overlays=0",
+        "summary=false",
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = str(out)
+        cfg.hydra.runtime.output_dir = str(out / "ours")
+        cfg.optim = optim
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+class TimedYoloDetector(YoloDetector):
+    """YoloDetector that adds up the seconds spent in training batches (forward, loss,
+    backward, optimiser step, EMA update), the span Ultralytics' batch callbacks measure too."""
+
+    batch_seconds: list[float] = []
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        TimedYoloDetector.batch_seconds.append(time.perf_counter() - self._t0)
+
+
+def train_ours(cfg: DictConfig) -> tuple[YoloDetector, dict]:
+    with open_dict(cfg):
+        cfg.model._target_ = f"{__name__}.TimedYoloDetector"
+    start = time.perf_counter()
+    _, objects = train(cfg)
+    wall = time.perf_counter() - start
+    return objects["model"], {"batch_seconds": TimedYoloDetector.batch_seconds, "wall": wall}
+
+
+def write_yolo_dataset(dm: DetectionDataModule, root: Path) -> Path:
+    """The datamodule's own train/val split as an Ultralytics dataset: symlinked images and
+    ``class cx cy w h`` label files (class = category id - 1, coordinates normalised)."""
+    for split, dataset in (("train", dm.train_set), ("val", dm.val_set)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for rec in dataset.records:
+            link = root / "images" / split / Path(rec.file_name).name
+            if not link.exists():
+                link.symlink_to(rec.path)
+            lines = []
+            for ann in rec.annotations:
+                x0, y0, x1, y1 = ann.bbox
+                cx, cy = (x0 + x1) / 2 / rec.width, (y0 + y1) / 2 / rec.height
+                w, h = (x1 - x0) / rec.width, (y1 - y0) / rec.height
+                lines.append(f"{ann.category_id - 1} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+            (root / "labels" / split / (link.stem + ".txt")).write_text("\n".join(lines) + "\n")
+    names = [CATEGORY_NAMES[cid] for cid in sorted(CATEGORY_NAMES)]  # index = category id - 1
+    data = root / "data.yaml"  # JSON is YAML
+    data.write_text(
+        json.dumps(
+            {"path": str(root), "train": "images/train", "val": "images/val", "names": names}
+        )
+    )
+    return data
+
+
+def train_ultralytics(
+    args: argparse.Namespace, data: Path, out: Path, optim: dict
+) -> tuple[Path, dict, dict]:
+    import ultralytics.utils.torch_utils as torch_utils
+    from ultralytics import YOLO
+
+    threads = torch.get_num_threads()
+    torch_utils.NUM_THREADS = threads  # Ultralytics would use cpu_count - 1 threads on CPU
+    t0, batch_seconds = [0.0], []
+
+    def batch_start(trainer) -> None:
+        t0[0] = time.perf_counter()
+
+    def batch_end(trainer) -> None:
+        batch_seconds.append(time.perf_counter() - t0[0])
+
+    model = YOLO(f"{ARCH}.yaml")
+    model.add_callback("on_train_batch_start", batch_start)
+    model.add_callback("on_train_batch_end", batch_end)
+    train_args = dict(
+        data=str(data),
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device="cpu",
+        workers=args.workers,
+        pretrained=False,
+        amp=False,
+        plots=False,
+        val=True,
+        seed=args.seed,
+        deterministic=False,
+        project=str(out),
+        name="ultralytics",
+        exist_ok=True,
+        verbose=False,
+        **optim,
+    )
+    if args.aug == "none":
+        train_args.update(
+            mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0, scale=0.0, fliplr=0.0
+        )
+    start = time.perf_counter()
+    model.train(**train_args)
+    wall = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    trainer = model.trainer
+    stats = {
+        "batch_seconds": batch_seconds,
+        "wall": wall,
+        "own_map50": trainer.metrics.get("metrics/mAP50(B)"),
+    }
+    return Path(trainer.last), stats, train_args
+
+
+@torch.no_grad()
+def evaluate(dm: DetectionDataModule, ours: YoloDetector, theirs_pt: Path, imgsz: int) -> dict:
+    """One evaluator, the same val images: ours on the val tensors, Ultralytics' on the files."""
+    from ultralytics import YOLO
+
+    theirs = YOLO(str(theirs_pt))
+    ours = ours.cpu().eval()
+    ev_ours, ev_theirs = DetectionEvaluator(False), DetectionEvaluator(False)
+    for i in range(len(dm.val_set)):
+        image, target = dm.val_set[i]
+        ev_ours.update(ours.predict([image]), [target])
+        rec = dm.val_set.records[i]
+        r = theirs.predict(
+            str(rec.path),
+            imgsz=imgsz,
+            conf=ours.conf_threshold,
+            iou=ours.nms_iou,
+            max_det=ours.max_det,
+            verbose=False,
+        )[0]
+        det = Detections(  # original pixels -> the letterboxed frame of `target`
+            r.boxes.xyxy.cpu() * target["scale"], r.boxes.conf.cpu(), r.boxes.cls.cpu().long() + 1
+        )
+        ev_theirs.update([det], [target])
+    return {"ours": ev_ours.compute(), "ultralytics": ev_theirs.compute()}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.imgsz % 32:
+        raise SystemExit("--imgsz must be a multiple of 32")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # The split both sides train and validate on: the framework's own data module.
+    cfg = compose_cfg(args, out, {})
+    from hydra.utils import instantiate
+
+    dm: DetectionDataModule = instantiate(cfg.data, augment={"name": "none"}, _convert_="all")
+    dm.prepare_data()
+    dm.setup()
+    n_train, n_val = len(dm.train_set), len(dm.val_set)
+    steps_per_epoch = -(-n_train // args.batch)
+    ours_optim, their_optim = optim_settings(args, steps_per_epoch)
+    data_yaml = write_yolo_dataset(dm, out / "yolo_data")
+    print(
+        f"data: {n_train} train / {n_val} val synthetic images at {args.imgsz}px, torch threads {torch.get_num_threads()}"
+    )
+
+    cfg = compose_cfg(args, out, ours_optim)
+    model, ours_stats = train_ours(cfg)
+    theirs_pt, their_stats, train_args = train_ultralytics(args, data_yaml, out, their_optim)
+    scores = evaluate(dm, model, theirs_pt, args.imgsz)
+
+    images = n_train * args.epochs
+    print()
+    print(
+        f"common: arch={ARCH} nc=2 epochs={args.epochs} imgsz={args.imgsz} batch={args.batch} "
+        f"workers={args.workers} aug={args.aug} optimizer={args.optimizer} seed={args.seed}"
+    )
+    print(f"ours: cartridgeocr-train model=yolo data=synthetic optim={json.dumps(ours_optim)}")
+    shown = {k: v for k, v in train_args.items() if k not in ("data", "project", "name")}
+    print(
+        f"ultralytics: YOLO('{ARCH}.yaml').train({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+    )
+    print()
+    print(
+        f"{'':12s} {'map_50':>7s} {'map':>7s} {'train img/s':>12s} {'median':>7s} "
+        f"{'wall img/s':>11s} {'wall s':>7s}"
+    )
+    for name, stats in (("ours", ours_stats), ("ultralytics", their_stats)):
+        s, seconds = scores[name], stats["batch_seconds"]
+        print(
+            f"{name:12s} {s[VAL_MAP_50]:7.3f} {s[VAL_MAP]:7.3f} {images / sum(seconds):12.1f} "
+            f"{args.batch / statistics.median(seconds):7.1f} "
+            f"{images / stats['wall']:11.1f} {stats['wall']:7.0f}"
+        )
+    print(
+        f"Ultralytics' own validator, last epoch: mAP50 {their_stats['own_map50']:.3f}. "
+        "train img/s: training images / seconds inside training batches (forward, loss, backward, "
+        "step, EMA); median: batch size / median batch time, robust to other load on the machine; "
+        "wall img/s: the whole fit including data loading, validation and checkpoints. "
+        f"Load average at the end (1/5/15 min): {os.getloadavg()} on {os.cpu_count()} cores."
+    )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    main()
