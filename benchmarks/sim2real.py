@@ -1,7 +1,7 @@
 """Sim-to-real: train the default detector on synthetic renders only, for a fixed budget of CPU
 minutes, then measure COCO AP50 for casing and primer on the real photos in ../shared/real-headstamps.
 
-    python benchmarks/sim2real.py --cpu-minutes 20 [hydra overrides, e.g. model=retinanet data.num_images=800]
+    python benchmarks/sim2real.py --cpu-minutes 15 [hydra overrides, e.g. model=retinanet model/backbone=mobilenet_v3]
 
 This is the measure of the renderer's realism: nothing here ever trains on the real photos.
 """
@@ -40,7 +40,7 @@ def compose_cfg(overrides: list[str], workdir: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-minutes", type=float, default=20.0)
+    ap.add_argument("--cpu-minutes", type=float, default=15.0)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the training config")
     args = ap.parse_args()
     if not (REAL / "annotations.json").is_file():

@@ -88,6 +88,16 @@ def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None) -> Dic
 
 
 def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None) -> list[str]:
+    """Overrides for a seconds-long run on the tiny fixture (a torchvision model unless extra names one)."""
+    extra = list(extra or [])
+    model = next((o.split("=", 1)[1] for o in extra if o.startswith("model=")), None)
+    model_overrides = [] if model else ["model=fasterrcnn"]
+    if model in (None, "maskrcnn", "fasterrcnn", "retinanet"):
+        model_overrides += [
+            "model.anchor_sizes=[8,16,32,64,96]",
+            "model/backbone=resnet18",
+            "optim=sgd",
+        ]
     return [
         "data=coco",
         f"data.annotations={ann}",
@@ -96,6 +106,7 @@ def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None
         "data.batch_size=2",
         "data.num_workers=0",
         "data.val_fraction=0.34",
+        "augment=light",
         "trainer=cpu",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
@@ -103,9 +114,8 @@ def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None
         "trainer.enable_model_summary=false",
         "trainer.log_every_n_steps=1",
         "callbacks.rich_progress=false",
-        "model.anchor_sizes=[8,16,32,64,96]",
-        "model/backbone=resnet18",
         "num_overlays=2",
         "summary=false",
-        *(extra or []),
+        *model_overrides,
+        *extra,
     ]

@@ -94,3 +94,19 @@ def test_real_sample_data_config_loads_all_photos(tmp_path):
     image, target = dm.val_set[0]
     assert image.shape == (3, 128, 128)
     assert set(target["labels"].tolist()) == {1, 2}
+
+
+def test_real_photos_experiment_composes_the_documented_recipe(tmp_path):
+    cfg = compose_train_cfg(
+        tmp_path, ["experiment=real_photos", "finetune.annotations=a.json", "finetune.images=imgs"]
+    )
+    assert (
+        cfg.model.arch == "yolov8n"
+        and cfg.augment.name == "strong"
+        and cfg.data.name == "synthetic"
+    )
+    assert (
+        cfg.optim.lr == 0.01
+        and cfg.finetune.annotations == "a.json"
+        and cfg.finetune.max_epochs == 20
+    )

@@ -216,3 +216,26 @@ def test_cli_trains_then_resumes_from_its_output_folder(tmp_path, tiny_coco):
     client = _client(tmp_path)
     assert len(client.get_metric_history(run_id, "val/map_50")) == 2
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_default_config_trains_on_synthetic_renders(tmp_path):
+    """What `make train` runs, shrunk: default model and data, a real (tiny) render, one epoch."""
+    overrides = [
+        "data.num_images=8",
+        "data.image_size=64",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.rich_progress=false",
+        "summary=false",
+        "num_overlays=1",
+    ]
+    cfg = compose_train_cfg(tmp_path, overrides)
+    assert cfg.data.name == "synthetic" and cfg.model.arch.startswith("yolo")
+    metrics, objects = train(cfg)
+    assert "val/map_50" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    files = _artifacts(_client(tmp_path), objects["run_id"])
+    assert "export/best.pt" in files and "plots/loss.png" in files
+    assert list((tmp_path / ".cache" / "synthetic").glob("*/annotations.json"))

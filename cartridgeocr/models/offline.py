@@ -54,11 +54,26 @@ def setup_ultralytics(config_dir: str | Path | None = None) -> Path:
 
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
+    restore_pillow_open()
     changed = {k: False for k in OFF_SETTINGS if SETTINGS.get(k) is not False}
     if changed:
         SETTINGS.update(changed)
     install_fonts(USER_CONFIG_DIR)
     return Path(USER_CONFIG_DIR)
+
+
+def restore_pillow_open() -> None:
+    """Undo Ultralytics' global patch of ``PIL.Image.open``.
+
+    Its replacement reacts to any unidentified file (a corrupt JPEG, say) by trying to install
+    pi-heif, which raises ModuleNotFoundError offline instead of Pillow's own error; our data
+    loader turns Pillow's error into a one-line message naming the file."""
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
 
 
 def install_fonts(folder: Path) -> None:
