@@ -239,3 +239,15 @@ def test_default_config_trains_on_synthetic_renders(tmp_path):
     files = _artifacts(_client(tmp_path), objects["run_id"])
     assert "export/best.pt" in files and "plots/loss.png" in files
     assert list((tmp_path / ".cache" / "synthetic").glob("*/annotations.json"))
+
+
+def test_cli_multirun_sweep_records_one_run_per_job(tmp_path, tiny_coco):
+    ann, images = tiny_coco
+    args = tiny_train_overrides(ann, images, ["model=retinanet", "trainer.limit_train_batches=1"])
+    res = _cli("--multirun", *args, "seed=0,1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("cartridgeocr").experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert len(list((tmp_path / "multirun").glob("*/*/*/mlflow_run_id.txt"))) == 2

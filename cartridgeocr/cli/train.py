@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch  # noqa: F401  (its console handler must exist before Hydra's logging config replaces it)
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.panel import Panel
 from rich.table import Table
@@ -72,6 +73,19 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         merged.resume = cfg.resume
         merged.paths.output_dir = cfg.paths.output_dir
     return merged
+
+
+class CreateTrackingStore(Callback):
+    """Hydra callback: create the MLflow store's schema once, before a sweep's jobs start, so
+    parallel launchers don't race to create a fresh sqlite database."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from cartridgeocr import tracking
+
+        root = config.hydra.runtime.cwd
+        tracking.ensure_store(
+            tracking.resolve_tracking_uri(config.logger.get("tracking_uri"), root)
+        )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
