@@ -157,6 +157,8 @@ class DetectionDataModule(L.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
+            drop_last=shuffle and len(dataset) > self.batch_size,
             pin_memory=torch.cuda.is_available(),
         )
 
