@@ -8,7 +8,6 @@ plus ``image_id``, ``file_name`` and ``scale`` (resized / original pixels, for m
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -121,15 +120,14 @@ class DetectionDataModule(L.LightningDataModule):
         self.index: CocoIndex | None = None
 
     def _load(self, annotations, images) -> CocoIndex:
-        index = load_coco(
+        # load_coco logs its own one-line report of what it fixed or dropped.
+        return load_coco(
             annotations,
             images,
             fmt=self.format,
             verify_images=self.verify_images,
             skip_bad_images=self.skip_bad_images,
         )
-        log.info("%s: %s", Path(annotations).name, index.report.summary())
-        return index
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
