@@ -147,33 +147,38 @@ def _hydra_overrides() -> tuple[list[str], DictConfig | None]:
     return list(hc.overrides.task), hc
 
 
-def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
-    """(checkpoint path, MLflow run id) to continue from, or (None, None) for a fresh run.
+def resume_run(cfg: DictConfig) -> tuple[str, Path | None]:
+    """(MLflow run id, local last.ckpt or None) named by ``resume``; cheap, downloads nothing.
 
     ``resume`` is a Hydra output folder (holds the run id file and checkpoints/last.ckpt) or an
-    MLflow run id (last.ckpt is then fetched from the run's artifacts)."""
-    resume = cfg.get("resume")
-    if not resume:
+    MLflow run id."""
+    resume = str(cfg.resume)
+    folder = Path(resume)
+    if not folder.is_dir():
+        return resume, None
+    id_file = folder / tracking.RUN_ID_FILE
+    if not id_file.is_file():
+        raise ConfigError(
+            f"resume={resume}: no {tracking.RUN_ID_FILE} in that folder (not a training run?)"
+        )
+    local = folder / "checkpoints" / tracking.LAST_CKPT
+    return id_file.read_text().strip(), local if local.is_file() else None
+
+
+def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """(checkpoint path, MLflow run id) to continue from, or (None, None) for a fresh run.
+    Without a local last.ckpt, the run's ``checkpoints/last.ckpt`` artifact is fetched."""
+    if not cfg.get("resume"):
         return None, None
-    folder = Path(str(resume))
-    if folder.is_dir():
-        id_file = folder / tracking.RUN_ID_FILE
-        if not id_file.is_file():
-            raise ConfigError(
-                f"resume={resume}: no {tracking.RUN_ID_FILE} in that folder (not a training run?)"
-            )
-        run_id = id_file.read_text().strip()
-        local = folder / "checkpoints" / tracking.LAST_CKPT
-        if local.is_file():
-            return str(local), run_id
-    else:
-        run_id = str(resume)
+    run_id, local = resume_run(cfg)
+    if local is not None:
+        return str(local), run_id
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
     client = mlflow.MlflowClient(uri)
     try:
         client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"resume={resume}: no such MLflow run in {uri}") from None
+        raise ConfigError(f"resume={cfg.resume}: no such MLflow run in {uri}") from None
     dst = Path(tempfile.mkdtemp(prefix="cartridgeocr-resume-"))
     try:
         path = client.download_artifacts(
@@ -181,7 +186,7 @@ def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
         )
     except Exception:
         raise ConfigError(
-            f"resume={resume}: run {run_id} has no {tracking.CHECKPOINT_DIR}/{tracking.LAST_CKPT}"
+            f"resume={cfg.resume}: run {run_id} has no {tracking.CHECKPOINT_DIR}/{tracking.LAST_CKPT}"
         ) from None
     return path, run_id
 

@@ -1,15 +1,13 @@
-"""What every console entry point shares: quiet logging, offline mode, one-line errors."""
+"""What every console entry point shares: offline mode and one-line errors."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
-from rich.logging import RichHandler
 
 console = Console(stderr=True)
 
@@ -20,14 +18,7 @@ def setup_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
-    )
-    for noisy in ("alembic", "mlflow", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Console logging is configured once, by Hydra (configs/hydra/default.yaml: job_logging).
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

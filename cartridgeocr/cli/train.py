@@ -53,9 +53,9 @@ def resume_config(cfg: DictConfig) -> DictConfig:
 
     from cartridgeocr import tracking
     from cartridgeocr.errors import ConfigError
-    from cartridgeocr.train import resume_point
+    from cartridgeocr.train import resume_run
 
-    _, run_id = resume_point(cfg)
+    run_id, _ = resume_run(cfg)
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
     try:
         text = mlflow.MlflowClient(uri).download_artifacts(
