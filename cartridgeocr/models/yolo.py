@@ -275,6 +275,7 @@ class YoloDetector(DetectorModule):
         self._ema_updates, self._ema = self.ema_updates, None  # re-bind to the placed tensors
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # the class key `load_detector` reads
         checkpoint[EMA_KEY] = {"updates": int(self.ema_updates)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
