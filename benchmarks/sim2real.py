@@ -14,25 +14,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
+
+from cartridgeocr.experiments.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "real-headstamps"
 
 
 def compose_cfg(overrides: list[str], workdir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    # root_dir=ROOT shares the synthetic render cache with `make train`; the run goes to workdir.
+    cfg = compose(overrides, root_dir=ROOT, output_dir=workdir / "out")
     with open_dict(cfg):
-        cfg.hydra.runtime.cwd = str(ROOT)  # share the synthetic render cache with `make train`
-        cfg.hydra.runtime.output_dir = str(workdir / "out")
-        cfg.hydra.job.name = "sim2real"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
         cfg.logger.tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
         cfg.logger.artifact_location = str(workdir / "mlruns")
     return cfg
@@ -54,8 +48,9 @@ def main() -> None:
         overrides = [
             "trainer=cpu",
             "trainer.max_epochs=1000",
-            f"callbacks.cpu_budget_minutes={args.cpu_minutes}",
-            "callbacks.rich_progress=false",
+            f"callbacks.cpu_budget.minutes={args.cpu_minutes}",
+            "~callbacks.progress_bar",
+            "trainer.enable_progress_bar=false",
             "data.num_workers=0",  # keeps the CPU budget exact: all work happens in this process
             "summary=false",
             *args.overrides,

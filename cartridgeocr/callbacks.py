@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
 from cartridgeocr import tracking
@@ -90,16 +90,29 @@ class ValidationArtifacts(Callback):
 
 class MlflowCheckpoints(Callback):
     """Uploads checkpoints/last.ckpt after each validation (so a killed run can resume from MLflow),
-    and at the end checkpoints/best.ckpt, checkpoints/last.ckpt and plots/loss.png."""
+    and at the end checkpoints/best.ckpt, checkpoints/last.ckpt, the backend's exports and
+    plots/loss.png.
 
-    def __init__(
-        self, best: ModelCheckpoint, last: ModelCheckpoint, every_epoch: bool = True
-    ) -> None:
-        self.best = best
-        self.last = last
+    The checkpoints are the trainer's two `ModelCheckpoint` callbacks: the one with a ``monitor``
+    writes the best, the one without writes last.ckpt."""
+
+    def __init__(self, every_epoch: bool = True) -> None:
         self.every_epoch = every_epoch
 
-    def _upload(self, trainer: L.Trainer, source: str | Path, name: str) -> None:
+    @staticmethod
+    def checkpoint_paths(trainer: L.Trainer) -> tuple[str | None, str | None]:
+        """(best, last) checkpoint paths written so far, None where there is none."""
+        best = last = None
+        for cb in trainer.checkpoint_callbacks:
+            if not isinstance(cb, ModelCheckpoint):
+                continue
+            if cb.monitor is None:
+                last = last or cb.best_model_path or cb.last_model_path or None
+            else:
+                best = best or cb.best_model_path or None
+        return best, last
+
+    def _upload(self, trainer: L.Trainer, source: str | Path | None, name: str) -> None:
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero or not source or not Path(source).is_file():
             return
@@ -109,19 +122,28 @@ class MlflowCheckpoints(Callback):
             logger.experiment.log_artifact(logger.run_id, str(dst), tracking.CHECKPOINT_DIR)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # Runs after validation, where the `last` callback has written this epoch's last.ckpt.
+        # Runs after validation, where the last-checkpoint callback has written this epoch's file.
         if self.every_epoch:
-            self._upload(trainer, self.last.best_model_path, tracking.LAST_CKPT)
+            self._upload(trainer, self.checkpoint_paths(trainer)[1], tracking.LAST_CKPT)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Lightning marks the run FAILED; say why in its ``error`` tag."""
+        logger = _mlflow(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        message = " ".join(str(exception).split())[:4000] or "interrupted"
+        logger.experiment.set_tag(logger.run_id, "error", f"{type(exception).__name__}: {message}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._upload(trainer, self.last.best_model_path, tracking.LAST_CKPT)
-        self._upload(trainer, self.best.best_model_path, tracking.BEST_CKPT)
+        best, last = self.checkpoint_paths(trainer)
+        self._upload(trainer, last, tracking.LAST_CKPT)
+        self._upload(trainer, best, tracking.BEST_CKPT)
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero:
             return
         client, run_id = logger.experiment, logger.run_id
         with tempfile.TemporaryDirectory() as tmp:
-            for path in pl_module.export_files(self.best.best_model_path or None, Path(tmp)):
+            for path in pl_module.export_files(best, Path(tmp)):
                 client.log_artifact(run_id, str(path), tracking.EXPORT_DIR)
         keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train/")]
         history = {
@@ -133,12 +155,28 @@ class MlflowCheckpoints(Callback):
                 client.log_artifact(run_id, str(path), tracking.PLOTS_DIR)
 
 
+class ProgressBar(RichProgressBar):
+    """Rich progress bar that names the MLflow run instead of Lightning's ``v_num``."""
+
+    def __init__(self, leave: bool = True) -> None:
+        super().__init__(leave=leave)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        logger = _mlflow(trainer)
+        if logger is not None:
+            items["run"] = logger._run_name or logger.run_id[:8]
+        return items
+
+
 class CpuBudget(Callback):
     """Stops training once this process (and its finished data workers) used ``minutes`` of CPU
-    time. Unlike wall-clock limits, it gives comparable budgets on a busy or a quiet machine."""
+    time (None: never). Unlike wall-clock limits, it gives comparable budgets on a busy or a
+    quiet machine."""
 
-    def __init__(self, minutes: float) -> None:
-        self.seconds = 60.0 * minutes
+    def __init__(self, minutes: float | None = None) -> None:
+        self.seconds = 60.0 * minutes if minutes else None
         self.used = 0.0
         self._start = 0.0
 
@@ -152,5 +190,5 @@ class CpuBudget(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.used = self._cpu() - self._start
-        if self.used >= self.seconds:
+        if self.seconds is not None and self.used >= self.seconds:
             trainer.should_stop = True

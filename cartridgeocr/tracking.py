@@ -12,15 +12,22 @@ Artifact layout of a run::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Param
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.exc import SQLAlchemyError
+
+from cartridgeocr.errors import TrackingStoreError
 
 log = logging.getLogger("cartridgeocr.tracking")
 
@@ -33,6 +40,9 @@ OVERLAYS_DIR = "overlays"
 PLOTS_DIR = "plots"
 LOSS_PLOT = "loss.png"
 EXPORT_DIR = "export"
+#: Experiment tag that makes MLflow's UI show this project's runs in its model-training view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 #: File in the Hydra output folder that names the run's MLflow id.
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -65,21 +75,99 @@ def default_artifact_location(uri: str, configured: str | None) -> str | None:
     return None
 
 
-def ensure_store(uri: str) -> None:
-    """Create the store's schema once, before parallel jobs open it (they race otherwise)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+#: How long a process waits for another one to finish preparing the store.
+STORE_LOCK_TIMEOUT_S = 600
+
+
+def prepare_store(uri: str) -> None:
+    """Make the tracking store ready: create a fresh sqlite store's schema exactly once, safely
+    from many processes at once, and refuse a broken store with one line that says what to do.
+
+    Every entry point that opens the store calls this first. For sqlite it runs under an
+    inter-process file lock beside the database (``mlflow.db.lock``), so parallel first runs
+    don't race on MLflow's schema migrations; once the schema exists it is a quick no-op.
+    Raises `TrackingStoreError`.
+    """
+    if not uri.startswith("sqlite:"):
+        _open_store(uri)
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingStoreError(
+            f"{uri}: cannot create the store's folder {folder} ({exc.strerror or exc})"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise TrackingStoreError(f"{uri}: the store is not writable here (read-only {folder}?)")
+    lock = FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            _check_sqlite_schema(path, uri)
+            _open_store(uri)
+    except Timeout:
+        raise TrackingStoreError(
+            f"{uri}: waited {STORE_LOCK_TIMEOUT_S} s for another process preparing the store "
+            f"(lock {lock.lock_file}); if none is running, delete that lock file"
+        ) from None
+    except OSError as exc:  # the lock file itself cannot be created
+        raise TrackingStoreError(f"{uri}: cannot lock the store ({exc.strerror or exc})") from None
+
+
+def _check_sqlite_schema(path: Path, uri: str) -> None:
+    """Refuse a database that is not sqlite, or that an interrupted migration left half done."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
+    except sqlite3.DatabaseError as exc:
+        raise TrackingStoreError(f"{uri}: not an MLflow database ({exc})") from None
+    leftover = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if leftover:
+        raise TrackingStoreError(
+            f"{uri}: an interrupted schema migration left it half done (leftover table "
+            f"{leftover[0]}); move {path} aside (keep it: its runs are still in it) to start a "
+            "fresh store, or restore a backup"
+        )
+
+
+def _open_store(uri: str) -> None:
+    """Open the store once (creating or checking its schema); errors become one line."""
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except (mlflow.exceptions.MlflowException, SQLAlchemyError, OSError) as exc:
+        raise TrackingStoreError(f"{uri}: {short_error(exc)}") from None
+
+
+def short_error(exc: BaseException) -> str:
+    """The first sentence-sized part of a store error, without SQL text or links."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy keeps the database's own message here
+    text = str(orig if orig is not None else getattr(exc, "message", exc))
+    text = re.split(r"\[SQL:|\(Background on this error|See https?://", text)[0]
+    text = " ".join(text.split())
+    return text[:300] or type(exc).__name__
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    """A name that says what ran, e.g. ``yolov8n-synthetic-320`` or ``fasterrcnn-resnet50-coco-512``."""
+    model = cfg.model
+    parts = [str(model.get("arch") or "model")]
+    if "backbone" in model and model.backbone is not None:
+        parts.append(str(model.backbone.get("name", "")).replace("_large", ""))
+    parts += [str(cfg.data.get("name", "data")), str(cfg.data.get("image_size", ""))]
+    return "-".join(p for p in parts if p)
 
 
 def create_logger(
     cfg: DictConfig, run_id: str | None = None, tags: dict | None = None
 ) -> MLFlowLogger:
     uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
-    ensure_store(uri)
+    prepare_store(uri)
     return MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
-        run_name=cfg.get("run_name"),
+        run_name=cfg.get("run_name") or (None if run_id else default_run_name(cfg)),
         tracking_uri=uri,
         tags=tags,
         artifact_location=default_artifact_location(uri, cfg.logger.get("artifact_location")),
@@ -135,6 +223,8 @@ def log_config(
 ) -> None:
     """Whole resolved config as params (batched), plus the three config files as artifacts."""
     client, run_id = logger.experiment, logger.run_id
+    # MLflow's UI opens an experiment in its model-training view only with this tag.
+    client.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     existing = client.get_run(run_id).data.params
     params = [Param(k, v[:6000]) for k, v in flatten(cfg).items() if k not in existing]
     for i in range(0, len(params), 100):

@@ -9,31 +9,41 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import mlflow
-from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cartridgeocr import tracking
-from cartridgeocr.callbacks import CpuBudget, MlflowCheckpoints, ValidationArtifacts
-from cartridgeocr.errors import ConfigError
+from cartridgeocr.errors import ConfigError, user_errors
 
 log = logging.getLogger("cartridgeocr.train")
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Train the configured backend on the configured data. Returns (metrics, objects)."""
+def train(
+    cfg: DictConfig,
+    overrides: Sequence[str] = (),
+    hydra_cfg: DictConfig | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train the configured backend on the configured data. Returns (metrics, objects).
+
+    ``overrides`` are the command-line overrides the config was composed from (recorded as the
+    run's ``overrides`` tag and ``config/overrides.yaml``); ``hydra_cfg`` is Hydra's own config
+    when called from the CLI (recorded as ``config/hydra.yaml``). Nothing is read from globals.
+    """
     # mlflow.set_tracking_uri (called inside Lightning's logger) writes $MLFLOW_TRACKING_URI;
     # restore it so a second train() in the same process resolves its own store.
     saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return _train(cfg)
+        return _train(cfg, list(overrides), hydra_cfg)
     finally:
         if saved_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -41,110 +51,118 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
-def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+def _train(
+    cfg: DictConfig, overrides: list[str], hydra_cfg: DictConfig | None
+) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:  # 0 is a seed like any other
         L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(cfg.data, augment=_plain(cfg.augment), _convert_="all")
+    datamodule = build(cfg.data, "data", augment=_plain(cfg.augment))
     # Fail at the edge: load and validate the data before a run is opened in MLflow.
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(
-        cfg.model,
-        optim=_plain(cfg.optim),
-        f1_score_threshold=cfg.f1_score_threshold,
-        _convert_="all",
+    model = build(
+        cfg.model, "model", optim=_plain(cfg.optim), f1_score_threshold=cfg.f1_score_threshold
     )
+    callbacks = build_callbacks(cfg)
 
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
     ckpt_path, run_id = resume_point(cfg)
     logger = None
     if not fast_dev_run:  # Lightning turns loggers off for fast_dev_run anyway: make no empty run
-        overrides, hydra_cfg = _hydra_overrides()
+        # MLFlowLogger opens its run lazily, so a trainer config error below leaves no run behind.
         logger = tracking.create_logger(
             cfg, run_id, tracking.run_tags(cfg, overrides, model.backend)
         )
-        if rank_zero_only.rank == 0:  # other DDP ranks get no run id
-            (output_dir / tracking.RUN_ID_FILE).write_text(logger.run_id + "\n")
-            tracking.log_config(logger, cfg, overrides, hydra_cfg)
-
-    checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
-        filename="epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor=cfg.callbacks.monitor,
-        mode=cfg.callbacks.mode,
-        save_top_k=1,
-    )
-    # A separate, unmonitored callback for last.ckpt: since Lightning 2.6 `save_last=True` rewrites
-    # it only when a new best is saved, which would make `resume=` restart from a stale epoch.
-    last = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
-        filename=Path(tracking.LAST_CKPT).stem,
-        monitor=None,
-        save_top_k=1,
-        enable_version_counter=False,
-        save_on_train_epoch_end=False,
-        every_n_train_steps=cfg.callbacks.get("checkpoint_every_n_train_steps"),
-    )
-    callbacks = [
-        checkpoint,
-        last,
-        ValidationArtifacts(num_overlays=cfg.num_overlays),
-        MlflowCheckpoints(
-            best=checkpoint,
-            last=last,
-            every_epoch=cfg.logger.get("log_last_checkpoint_every_epoch", True),
-        ),
-    ]
-    if cfg.callbacks.get("rich_progress", True):
-        callbacks.append(RichProgressBar(leave=True))
-    if cfg.callbacks.get("cpu_budget_minutes"):
-        callbacks.append(CpuBudget(cfg.callbacks.cpu_budget_minutes))
-    if cfg.callbacks.get("early_stopping_patience"):
-        callbacks.append(
-            EarlyStopping(
-                cfg.callbacks.monitor,
-                patience=cfg.callbacks.early_stopping_patience,
-                mode=cfg.callbacks.mode,
-            )
-        )
-
-    trainer: L.Trainer = instantiate(
+    check_accelerator(cfg.trainer)
+    trainer: L.Trainer = build(
         cfg.trainer,
+        "trainer",
         logger=logger if logger is not None else False,
-        callbacks=callbacks,
+        callbacks=list(callbacks.values()),
         default_root_dir=str(output_dir),
+        # Every epoch logs train/loss at least once, however short it is.
+        log_every_n_steps=min(int(cfg.trainer.log_every_n_steps), steps_per_epoch(cfg, datamodule)),
     )
+    if logger is not None and rank_zero_only.rank == 0:  # other DDP ranks get no run id
+        (output_dir / tracking.RUN_ID_FILE).write_text(logger.run_id + "\n")
+        tracking.log_config(logger, cfg, overrides, hydra_cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if checkpoint.best_model_score is not None:
-        metrics["best/" + cfg.callbacks.monitor] = float(checkpoint.best_model_score)
+    best = callbacks.get("model_checkpoint")
+    if isinstance(best, ModelCheckpoint) and best.best_model_score is not None:
+        metrics["best/" + str(best.monitor)] = float(best.best_model_score)
     objects = {
         "trainer": trainer,
         "model": model,
         "datamodule": datamodule,
         "logger": logger,
         "run_id": logger.run_id if logger else None,
-        "checkpoint": checkpoint,
-        "last_checkpoint": last,
+        "callbacks": callbacks,
+        "checkpoint": best,
+        "last_checkpoint": callbacks.get("last_checkpoint"),
         "output_dir": output_dir,
     }
     return metrics, objects
 
 
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Instantiate a config node. A constructor that rejects its arguments (a user error, a
+    ValueError/TypeError, a Lightning misconfiguration) ends as one line naming the config key
+    instead of Hydra's wrapped traceback; any other exception propagates untouched."""
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, user_errors()):
+            raise cause from None
+        if cause is None or isinstance(
+            cause, ValueError | TypeError | ImportError | MisconfigurationException
+        ):
+            message = " ".join(str(cause or exc).split()) or type(cause).__name__
+            raise ConfigError(f"{key}: {message}") from None
+        raise
+
+
+def check_accelerator(trainer_cfg: DictConfig) -> None:
+    """A GPU trainer on a machine without one: say so by key, before Lightning does it deep inside."""
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: no CUDA GPU is available here; "
+            "use trainer=cpu or trainer.accelerator=auto"
+        )
+
+
+def build_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
+    """Every entry of ``cfg.callbacks`` with a ``_target_``, by name, in config order."""
+    out: dict[str, L.Callback] = {}
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        out[str(name)] = build(node, f"callbacks.{name}")
+    return out
+
+
+def steps_per_epoch(cfg: DictConfig, datamodule: L.LightningDataModule) -> int:
+    """Optimiser steps in one training epoch, as the trainer config will limit it."""
+    batches = len(datamodule.train_dataloader())
+    limit = cfg.trainer.get("limit_train_batches", 1.0)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit != 1:
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    return max(1, -(-batches // accumulate))
+
+
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _hydra_overrides() -> tuple[list[str], DictConfig | None]:
-    if not HydraConfig.initialized():
-        return [], None
-    hc = HydraConfig.get()
-    return list(hc.overrides.task), hc
 
 
 def resume_run(cfg: DictConfig) -> tuple[str, Path | None]:
@@ -191,39 +209,46 @@ def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
     return path, run_id
 
 
-def train_with_finetune(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+def train_with_finetune(
+    cfg: DictConfig, overrides: Sequence[str] = (), hydra_cfg: DictConfig | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """`train(cfg)`, then, when ``finetune.annotations`` is set, a second run that starts from the
     first run's best checkpoint and trains on the user's own labelled photos.
 
     Both stages are MLflow runs of their own; the fine-tune run is tagged with the pre-training
     run's id (``pretrained_from``) so the UI links them."""
-    metrics, objects = train(cfg)
+    metrics, objects = train(cfg, overrides, hydra_cfg)
     ft = cfg.get("finetune")
     if not ft or not ft.get("annotations"):
         return metrics, objects
     stage2 = finetune_config(cfg, objects)
-    ft_metrics, ft_objects = train(stage2)
+    ft_metrics, ft_objects = train(stage2, overrides, hydra_cfg)
     ft_objects["pretrain"] = objects
     return ft_metrics, ft_objects
 
 
 def finetune_config(cfg: DictConfig, pretrain: dict[str, Any]) -> DictConfig:
-    """The fine-tune stage: data=coco on the user's photos, weights from the pre-trained run."""
+    """The fine-tune stage: ``data=coco`` (composed by Hydra) on the user's photos, weights from
+    the pre-trained run's best checkpoint."""
+    from cartridgeocr.experiments.compose import compose
+
     ft = cfg.finetune
     if not ft.get("images"):
         raise ConfigError(
             "finetune.images: set it to the folder of the photos in finetune.annotations"
         )
-    ckpt = pretrain["checkpoint"]
-    weights = ckpt.best_model_path or pretrain["last_checkpoint"].best_model_path
+    weights = _checkpoint_path(pretrain.get("checkpoint")) or _checkpoint_path(
+        pretrain.get("last_checkpoint")
+    )
     if not weights:
         raise ConfigError("finetune: the pre-training stage saved no checkpoint to start from")
-    data = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "coco.yaml")
-    stage2 = OmegaConf.to_container(cfg, resolve=True)
-    stage2 = OmegaConf.create(stage2)
-    with open_dict(stage2):
-        data_cfg = OmegaConf.merge(
-            data,
+    seed = cfg.get("seed")
+    data = compose(
+        ["data=coco", f"seed={'null' if seed is None else int(seed)}"],
+        root_dir=cfg.paths.root_dir,
+    ).data
+    with open_dict(data):
+        data.merge_with(
             {
                 "name": "finetune",
                 "annotations": str(ft.annotations),
@@ -234,17 +259,26 @@ def finetune_config(cfg: DictConfig, pretrain: dict[str, Any]) -> DictConfig:
                 "image_size": cfg.data.image_size,
                 "batch_size": cfg.data.batch_size,
                 "num_workers": cfg.data.num_workers,
-                "seed": cfg.get("seed") or 0,
-            },
+            }
         )
-        stage2.data = data_cfg
+    stage2 = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(stage2):
+        stage2.data = OmegaConf.to_container(data, resolve=True)
         stage2.model.weights_path = str(weights)
         stage2.optim.lr = float(cfg.optim.lr) * float(ft.get("lr_scale", 0.3))
         stage2.trainer.max_epochs = int(ft.get("max_epochs", 15))
-        stage2.callbacks.cpu_budget_minutes = ft.get("cpu_budget_minutes")
+        if stage2.get("callbacks") and stage2.callbacks.get("cpu_budget"):
+            stage2.callbacks.cpu_budget.minutes = ft.get("cpu_budget_minutes")
         stage2.paths.output_dir = str(Path(cfg.paths.output_dir) / "finetune")
+        for name in ("model_checkpoint", "last_checkpoint"):
+            if stage2.get("callbacks") and stage2.callbacks.get(name):
+                stage2.callbacks[name].dirpath = str(Path(stage2.paths.output_dir) / "checkpoints")
         stage2.run_name = f"{cfg.get('run_name') or 'real_photos'}-finetune"
         stage2.finetune = None
         stage2.resume = None
         stage2.pretrained_from = pretrain.get("run_id")
     return stage2
+
+
+def _checkpoint_path(callback: Any) -> str | None:
+    return getattr(callback, "best_model_path", None) or None

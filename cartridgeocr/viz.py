@@ -81,7 +81,9 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], path: str | Path) -
         if not points:
             continue
         steps, values = zip(*sorted(points))
-        ax.plot(steps, values, label=name, linewidth=2.2 if name == "train/loss" else 1.0)
+        marker = "o" if len(points) < 20 else None  # a short run's few points stay visible
+        width = 2.2 if name == "train/loss" else 1.0
+        ax.plot(steps, values, label=name, linewidth=width, marker=marker, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if all(v > 0 for points in history.values() for _, v in points):

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw
 
+from cartridgeocr.experiments.compose import compose
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
 REAL_SAMPLE = ROOT.parent / "shared" / "real-headstamps"
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -73,17 +71,10 @@ def tiny_coco(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
-    """The real train config, composed as the CLI would, with paths in tmp_path and tiny sizes."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides or [], return_hydra_config=True)
+    """The real train config, composed as the CLI would, run from tmp_path (store, cache, outputs)."""
+    cfg = compose(overrides or [], root_dir=tmp_path, output_dir=tmp_path / "out")
     with open_dict(cfg):
-        cfg.hydra.runtime.cwd = str(tmp_path)
-        cfg.hydra.runtime.output_dir = str(tmp_path / "out")
         cfg.paths.shared_dir = str(ROOT.parent / "shared")
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
     return cfg
 
 
@@ -113,8 +104,9 @@ def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None
         "trainer.limit_val_batches=2",
         "trainer.enable_model_summary=false",
         "trainer.log_every_n_steps=1",
-        "callbacks.rich_progress=false",
-        "num_overlays=2",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "callbacks.validation_artifacts.num_overlays=2",
         "summary=false",
         *model_overrides,
         *extra,

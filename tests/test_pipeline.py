@@ -49,7 +49,7 @@ def test_cpu_budget_stops_training_early(tmp_path, tiny_coco):
         "model=retinanet",
         "trainer.max_epochs=50",
         "trainer.limit_train_batches=1.0",
-        "callbacks.cpu_budget_minutes=0.05",
+        "callbacks.cpu_budget.minutes=0.05",
     ]
     cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, extra))
     _, objects = train(cfg)

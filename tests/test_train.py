@@ -46,10 +46,8 @@ def test_every_backend_and_backbone_trains_a_step(tmp_path, arch, backbone):
 
 def test_run_records_params_metrics_and_artifacts(tmp_path, tiny_coco):
     ann, images = tiny_coco
-    cfg = compose_train_cfg(
-        tmp_path, tiny_train_overrides(ann, images, ["model=maskrcnn", "trainer.max_epochs=2"])
-    )
-    metrics, objects = train(cfg)
+    overrides = tiny_train_overrides(ann, images, ["model=maskrcnn", "trainer.max_epochs=2"])
+    metrics, objects = train(compose_train_cfg(tmp_path, overrides), overrides)
     run_id = objects["run_id"]
     run = _client(tmp_path).get_run(run_id)
 
@@ -81,7 +79,6 @@ def test_run_records_params_metrics_and_artifacts(tmp_path, tiny_coco):
     for expected in (
         "config/config.yaml",
         "config/overrides.yaml",
-        "config/hydra.yaml",
         "checkpoints/last.ckpt",
         "checkpoints/best.ckpt",
         "predictions/epoch_000.json",
@@ -210,6 +207,7 @@ def test_cli_trains_then_resumes_from_its_output_folder(tmp_path, tiny_coco):
     assert len(out_dirs) == 1 and (out_dirs[0] / tracking.RUN_ID_FILE).is_file()
     run_id = (out_dirs[0] / tracking.RUN_ID_FILE).read_text().strip()
     assert run_id in first.stdout + first.stderr  # the summary names the run
+    assert "config/hydra.yaml" in _artifacts(_client(tmp_path), run_id)  # only the CLI has one
 
     second = _cli(f"resume={out_dirs[0]}", "trainer.max_epochs=2", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -228,9 +226,10 @@ def test_default_config_trains_on_synthetic_renders(tmp_path):
         "trainer=cpu",
         "trainer.max_epochs=1",
         "trainer.log_every_n_steps=1",
-        "callbacks.rich_progress=false",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
         "summary=false",
-        "num_overlays=1",
+        "callbacks.validation_artifacts.num_overlays=1",
     ]
     cfg = compose_train_cfg(tmp_path, overrides)
     assert cfg.data.name == "synthetic" and cfg.model.arch.startswith("yolo")
@@ -251,3 +250,104 @@ def test_cli_multirun_sweep_records_one_run_per_job(tmp_path, tiny_coco):
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len(list((tmp_path / "multirun").glob("*/*/*/mlflow_run_id.txt"))) == 2
+
+
+@pytest.mark.parametrize("model", ["fasterrcnn", "yolo"])
+def test_short_run_still_records_train_loss_and_its_plot(tmp_path, tiny_coco, model):
+    """Two optimiser steps, fewer than log_every_n_steps: train/loss is logged all the same."""
+    ann, images = tiny_coco
+    extra = [f"model={model}", "trainer.log_every_n_steps=5", "trainer.limit_train_batches=2"]
+    if model == "yolo":
+        extra.append("optim=yolo_sgd")
+    overrides = [
+        o for o in tiny_train_overrides(ann, images, extra) if "log_every_n_steps=1" not in o
+    ]
+    _, objects = train(compose_train_cfg(tmp_path, overrides))
+    assert objects["trainer"].global_step == 2
+    client = _client(tmp_path)
+    assert client.get_metric_history(objects["run_id"], "train/loss")
+    assert "plots/loss.png" in _artifacts(client, objects["run_id"])
+
+
+def test_non_finite_loss_stops_the_run_and_marks_it_failed(tmp_path, tiny_coco, monkeypatch):
+    from cartridgeocr.errors import NonFiniteLossError
+    from cartridgeocr.models.torchvision_rcnn import TorchvisionDetector
+
+    real_loss = TorchvisionDetector.loss
+    calls = []
+
+    def loss_turning_nan(self, images, targets):
+        losses = real_loss(self, images, targets)
+        calls.append(1)
+        if len(calls) == 3:  # the first step of the second epoch
+            losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(TorchvisionDetector, "loss", loss_turning_nan)
+    ann, images = tiny_coco
+    cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, ["trainer.max_epochs=3"]))
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "step 2" in message and "train/box_reg=nan" in message and "train/classifier=" in message
+    client = _client(tmp_path)
+    run = client.search_runs([client.get_experiment_by_name("cartridgeocr").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("NonFiniteLossError: non-finite training loss")
+    last = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 2  # the last good checkpoint, kept
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
+
+
+@pytest.mark.parametrize("model", ["yolo", "yolo_seg", "maskrcnn", "fasterrcnn", "retinanet"])
+def test_checkpoint_round_trip_for_every_backend(tmp_path, tiny_coco, model):
+    """Save, `load_detector` (weights_only=True), predict the same boxes: every backend."""
+    from cartridgeocr.models.base import load_detector
+
+    ann, images = tiny_coco
+    extra = [f"model={model}", "trainer.fast_dev_run=true"]
+    if model.startswith("yolo"):
+        extra += ["optim=yolo_sgd", "data.image_size=64"]
+    _, objects = train(compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, extra)))
+    path = tmp_path / "saved.ckpt"
+    objects["trainer"].save_checkpoint(path)
+    reloaded = load_detector(path)
+    assert type(reloaded) is type(objects["model"])
+    batch = [objects["datamodule"].val_set[0][0]]
+    a, b = objects["model"].eval().predict(batch)[0], reloaded.predict(batch)[0]
+    assert len(a) == len(b) and torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(a.boxes, b.boxes)
+    torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_progress_bar_names_the_run_instead_of_v_num(tmp_path, tiny_coco):
+    from cartridgeocr.callbacks import ProgressBar
+
+    ann, images = tiny_coco
+    cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, ["run_name=my-run"]))
+    _, objects = train(cfg)
+    items = ProgressBar().get_metrics(objects["trainer"], objects["model"])
+    assert "v_num" not in items and items["run"] == "my-run"
+
+
+def test_runs_get_a_descriptive_default_name_and_the_training_view(tmp_path, tiny_coco):
+    ann, images = tiny_coco
+    cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, ["model=retinanet"]))
+    _, objects = train(cfg)
+    client = _client(tmp_path)
+    run = client.get_run(objects["run_id"])
+    assert run.info.run_name == "retinanet-resnet18-coco-96"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.parametrize("backbone", ["resnet101", "resnet152"])
+def test_azure_automl_backbones_train_a_step(tmp_path, backbone):
+    ann, images = write_tiny_coco(tmp_path / "data", num_images=4)
+    overrides = tiny_train_overrides(
+        ann, images, [f"model/backbone={backbone}", "trainer.fast_dev_run=true"]
+    )
+    metrics, _ = train(compose_train_cfg(tmp_path, overrides))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -21,21 +22,6 @@ def setup_environment() -> None:
     # Console logging is configured once, by Hydra (configs/hydra/default.yaml: job_logging).
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user as it stands."""
-    from cartridgeocr.data.coco import DatasetError
-    from cartridgeocr.errors import ConfigError
-
-    errors: list[type[BaseException]] = [DatasetError, ConfigError]
-    try:
-        from cartridgeocr.data.synthetic import SynthError
-
-        errors.append(SynthError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def one_line(exc: BaseException) -> str:
     """The last meaningful line: errors re-raised from DataLoader workers carry a traceback text."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
@@ -44,10 +30,76 @@ def one_line(exc: BaseException) -> str:
     return line.removeprefix(prefix).removeprefix(f"{type(exc).__name__}: ")
 
 
+def fail(message: str) -> None:
+    """Print `error: <message>` on stderr and exit with status 2 (bad input or config)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
 def run_guarded(fn: Callable[[], Any]) -> Any:
     """Run fn; a user error becomes `error: <one line>` on stderr and exit code 2."""
+    from cartridgeocr.errors import user_errors
+
     try:
         return fn()
     except user_errors() as exc:
-        console.print(f"[bold red]error:[/] {one_line(exc)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(one_line(exc))
+
+
+def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
+    """Validate command-line overrides before Hydra runs, so a mistake ends as one `error:` line
+    (naming the key and the valid choices) instead of Hydra's multi-line report.
+
+    Checks every config-group choice (``model=...``, ``model/backbone=...``, sweeps included);
+    for a single run, also composes the config once, which catches unknown keys and groups a
+    model does not have. ``--help``, ``--cfg`` and other Hydra flags are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from cartridgeocr.experiments.compose import CONFIG_DIR, compose
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        fail(f"cannot parse the overrides: {one_line(exc)}")
+        return
+    for override in parsed:
+        group = override.key_or_group
+        if group.startswith("hydra") or not (CONFIG_DIR / group).is_dir():
+            continue
+        choices = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        elif isinstance(override.value(), list):  # several options of one group: g=[a,b]
+            values = [str(v) for v in override.value()]
+        else:
+            values = [override.get_value_element_as_str()]
+        for value in values:
+            if value not in choices and value != "null":
+                fail(f"{group}={value}: no such choice; choose from {', '.join(choices)}")
+    if multirun:
+        return
+    try:
+        compose([o for o in overrides if not o.startswith("hydra.")], config_name=config_name)
+    except HydraException as exc:
+        fail(composition_error(exc))
+
+
+def composition_error(exc: BaseException) -> str:
+    """Hydra's composition error as one line that says what to do."""
+    import re
+
+    text = " ".join(str(exc).split())
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and "/" in m.group(1):
+        group, _, _ = m.group(1).rpartition("/")
+        return f"{m.group(1)}: the chosen {group} has no {m.group(1)} option (see --help)"
+    if m:
+        key = m.group(1)
+        return f"{key}: no such key (to add a new key, write +{key}=...)"
+    return text

@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from cartridgeocr.cli.common import check_overrides
 from cartridgeocr.data.synthetic import (
     SynthError,
     dataset_params,
@@ -27,7 +28,12 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="synth")
+# An absolute path: a relative one is resolved against the calling module, which for an
+# installed console script is not this file's folder.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="synth")
 def _app(cfg: DictConfig) -> None:
     try:
         n, seed, size = validate_params(cfg.num_images, cfg.seed, cfg.image_size)
@@ -53,6 +59,7 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    check_overrides("synth")
     _app()
 
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.panel import Panel
 from rich.table import Table
 
-from cartridgeocr.cli.common import console, run_guarded, setup_environment
+from cartridgeocr.cli.common import check_overrides, console, run_guarded, setup_environment
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -28,9 +28,10 @@ def print_summary(cfg: DictConfig, metrics: dict[str, float], objects: dict) -> 
     logger = objects.get("logger")
     run_id = objects.get("run_id") or "-"
     table.add_row("run id", run_id)
-    ckpt = objects["checkpoint"]
-    best = f"{ckpt.best_model_score:.4f}" if ckpt.best_model_score is not None else "-"
-    table.add_row(f"best {cfg.callbacks.monitor}", best)
+    ckpt = objects.get("checkpoint")
+    score = getattr(ckpt, "best_model_score", None)
+    best = f"{score:.4f}" if score is not None else "-"
+    table.add_row(f"best {cfg.monitor}", best)
     for name in (VAL_MAP, VAL_MAP_50, *VAL_MAP_50_PER_CLASS.values(), VAL_SEGM_MAP, VAL_F1):
         if name in metrics:
             table.add_row(f"last {name}", f"{metrics[name]:.4f}")
@@ -76,15 +77,17 @@ def resume_config(cfg: DictConfig) -> DictConfig:
 
 
 class CreateTrackingStore(Callback):
-    """Hydra callback: create the MLflow store's schema once, before a sweep's jobs start, so
-    parallel launchers don't race to create a fresh sqlite database."""
+    """Hydra callback: prepare the MLflow store once, before a sweep's jobs start (each job
+    prepares it again, under the same lock, which is then a no-op)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from cartridgeocr import tracking
 
         root = config.hydra.runtime.cwd
-        tracking.ensure_store(
-            tracking.resolve_tracking_uri(config.logger.get("tracking_uri"), root)
+        run_guarded(
+            lambda: tracking.prepare_store(
+                tracking.resolve_tracking_uri(config.logger.get("tracking_uri"), root)
+            )
         )
 
 
@@ -93,18 +96,20 @@ def _main(cfg: DictConfig) -> float | None:
     from cartridgeocr.train import train_with_finetune
 
     def go():
+        hydra_cfg = HydraConfig.get()
         run_cfg = resume_config(cfg) if cfg.get("resume") else cfg
-        metrics, objects = train_with_finetune(run_cfg)
+        metrics, objects = train_with_finetune(run_cfg, list(hydra_cfg.overrides.task), hydra_cfg)
         if run_cfg.get("summary", True):
             print_summary(run_cfg, metrics, objects)
-        # The monitored metric is returned for Hydra sweepers (e.g. Optuna).
-        return metrics.get(run_cfg.callbacks.monitor)
+        # The monitored metric is returned for Hydra sweepers.
+        return metrics.get(run_cfg.monitor)
 
     return run_guarded(go)
 
 
 def main() -> None:
     setup_environment()
+    check_overrides("train")
     _main()
 
 

@@ -8,6 +8,7 @@ plus ``image_id``, ``file_name`` and ``scale`` (resized / original pixels, for m
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -16,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from cartridgeocr.data.coco import CocoIndex, ImageRecord, load_coco, polygons_to_mask
 from cartridgeocr.data.images import decode_image
-from cartridgeocr.data.transforms import apply_transforms, build_transforms
+from cartridgeocr.data.transforms import apply_transforms, augment_params, build_transforms
+from cartridgeocr.errors import ConfigError
 
 log = logging.getLogger("cartridgeocr.data")
 
@@ -82,6 +84,21 @@ def split_records(records: list[ImageRecord], val_fraction: float, seed: int) ->
     return [records[i] for i in train], [records[i] for i in val]
 
 
+def check_loader_args(
+    image_size: Any, batch_size: Any, num_workers: Any, val_fraction: Any
+) -> None:
+    """Refuse impossible data settings when the config is built, naming the key."""
+    for key, value, low in (("image_size", image_size, 32), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"data.{key}={value}: must be an integer >= {low}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers}: must be an integer >= 0")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float):
+        raise ConfigError(f"data.val_fraction={val_fraction}: must be a number in [0, 1]")
+    if not 0.0 <= float(val_fraction) <= 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction}: must be a number in [0, 1]")
+
+
 class DetectionDataModule(L.LightningDataModule):
     """COCO instance file + image folder -> train/val loaders (the split is fixed by ``seed``)."""
 
@@ -103,6 +120,7 @@ class DetectionDataModule(L.LightningDataModule):
         name: str = "coco",
     ) -> None:
         super().__init__()
+        check_loader_args(image_size, batch_size, num_workers, val_fraction)
         self.annotations, self.images = annotations, images
         self.format = format
         self.val_annotations, self.val_images = val_annotations, val_images
@@ -114,6 +132,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.seed = 0 if seed is None else int(seed)
         self.augment = dict(augment or {"name": "none"})
+        augment_params(self.augment)  # typos and bad values fail now, naming the key
         self.name = name
         self.train_set: DetectionDataset | None = None
         self.val_set: DetectionDataset | None = None

@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cartridgeocr.errors import ConfigError
+
 #: Every key an `augment` config may set. Missing keys take these values, which disable the
 #: corresponding transform, so this dict is also the `none` preset.
 DEFAULTS: dict[str, Any] = {
@@ -58,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _params(augment_cfg: Any) -> dict[str, Any]:
+def augment_params(augment_cfg: Any) -> dict[str, Any]:
     """Plain dict of every key, config values over DEFAULTS; unknown keys are typos -> error."""
     if augment_cfg is None:
         cfg: dict[str, Any] = {}
@@ -70,8 +72,22 @@ def _params(augment_cfg: Any) -> dict[str, Any]:
         raise TypeError(f"augment config must be a mapping, got {type(augment_cfg).__name__}")
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"augment: unknown keys {unknown}; known keys are {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **cfg}
+        raise ConfigError(f"augment: unknown keys {unknown}; known keys are {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **cfg}
+    for key, value in params.items():
+        if key == "name":
+            continue
+        pair = isinstance(value, Sequence) and not isinstance(value, str)
+        numbers = list(value) if pair else [value]
+        if (pair and len(numbers) != 2) or not all(_is_number(v) for v in numbers):
+            raise ConfigError(f"augment.{key}={value}: expected a number or a pair [lo, hi]")
+        if key.endswith("_p") and not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"augment.{key}={value}: a probability must be in [0, 1]")
+    return params
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _range(value: Any, symmetric: bool) -> tuple[float, float]:
@@ -194,7 +210,7 @@ def build_transforms(augment_cfg: Any, image_size: int, train: bool) -> A.Compos
     better through `apply_transforms`. Boxes are pascal_voc (xyxy pixels), clipped, and dropped
     with their labels when less than `min_visibility` of them stays in frame.
     """
-    p = _params(augment_cfg)
+    p = augment_params(augment_cfg)
     steps: list[A.BasicTransform] = []
     if train:
         augs = _augmentations(p, image_size)

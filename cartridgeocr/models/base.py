@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cartridgeocr.detections import Detections
+from cartridgeocr.errors import ConfigError, NonFiniteLossError
 from cartridgeocr.metrics import TRAIN_LOSS, DetectionEvaluator, train_component
 
 CHECKPOINT_CLASS_KEY = "cartridgeocr_class"
@@ -38,7 +39,7 @@ class DetectorModule(L.LightningModule):
         weights_path: str | None = None,
     ) -> None:
         super().__init__()
-        self.optim_cfg = dict(optim or {"name": "sgd", "lr": 0.005})
+        self.optim_cfg = validate_optim(dict(optim or {"name": "sgd", "lr": 0.005}))
         self.image_size = int(image_size)
         self.net = self.build()
         if weights_path:
@@ -69,6 +70,7 @@ class DetectorModule(L.LightningModule):
         images, targets = batch
         losses = self.loss(list(images), list(targets))
         total = sum(losses.values())
+        check_finite(total, losses, self)
         n = len(images)
         self.log(TRAIN_LOSS, total, prog_bar=True, batch_size=n)
         self.log_dict({train_component(k): v.detach() for k, v in losses.items()}, batch_size=n)
@@ -101,6 +103,47 @@ class DetectorModule(L.LightningModule):
         )
 
 
+def check_finite(total: Tensor, losses: dict[str, Tensor], module: L.LightningModule) -> None:
+    """Stop on a NaN or infinite loss, as torchvision's references do, naming every loss term.
+
+    The decision is shared by all processes (one stops, all stop), and Lightning then marks the
+    MLflow run FAILED; the last checkpoint written before this step stays as it was."""
+    finite = bool(torch.isfinite(total.detach()))
+    trainer = module._trainer
+    if trainer is not None:
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+    if finite:
+        return
+    terms = ", ".join(f"{train_component(k)}={float(v.detach()):.4g}" for k, v in losses.items())
+    raise NonFiniteLossError(
+        f"non-finite training loss at step {module.global_step} (epoch {module.current_epoch}): "
+        f"{terms}; the run stopped and its last checkpoint is the last good one"
+    )
+
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("none", "step", "cosine", "linear")
+
+
+def validate_optim(cfg: dict) -> dict:
+    """Check the `optim` config when the model is built, before any run is opened."""
+    if cfg.get("name", "sgd") not in OPTIMIZERS:
+        raise ConfigError(
+            f"optim.name={cfg.get('name')}: unknown optimiser; choose from {', '.join(OPTIMIZERS)}"
+        )
+    kind = (cfg.get("scheduler") or {}).get("name", "none")
+    if kind not in SCHEDULERS:
+        raise ConfigError(
+            f"optim.scheduler.name={kind}: unknown scheduler; choose from {', '.join(SCHEDULERS)}"
+        )
+    try:
+        if float(cfg["lr"]) <= 0:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"optim.lr={cfg.get('lr')}: must be a positive number") from None
+    return cfg
+
+
 def build_optimizer(cfg: dict, params: list[nn.Parameter], trainer: L.Trainer | None) -> dict:
     """SGD+StepLR or AdamW+cosine from the `optim` config, with an optional linear warm-up."""
     name = cfg.get("name", "sgd")
@@ -119,7 +162,9 @@ def build_optimizer(cfg: dict, params: list[nn.Parameter], trainer: L.Trainer | 
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
         )
     else:
-        raise ValueError(f"optim.name: unknown optimiser {name!r} (use sgd or adamw)")
+        raise ConfigError(
+            f"optim.name={name}: unknown optimiser; choose from {', '.join(OPTIMIZERS)}"
+        )
 
     sched = dict(cfg.get("scheduler") or {})
     total_steps = _total_steps(trainer)
@@ -173,8 +218,6 @@ def load_weights(module: nn.Module, path: str) -> None:
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> DetectorModule:
     """Any backend's Lightning checkpoint -> its module in eval mode, loaded with weights_only=True."""
     import importlib
-
-    from cartridgeocr.errors import ConfigError
 
     path = Path(path)
     if not path.is_file():

@@ -21,9 +21,21 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cartridgeocr.categories import CATEGORY_NAMES
 from cartridgeocr.detections import Detections
+from cartridgeocr.errors import ConfigError
 from cartridgeocr.models.base import DetectorModule
 
 ARCHS = ("maskrcnn", "fasterrcnn", "retinanet")
+#: Backbone bodies torchvision builds without downloading anything (weights=None).
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+)
+NORMS = ("group", "batch", "frozen")
 NUM_CLASSES = len(CATEGORY_NAMES) + 1  # + background
 
 
@@ -47,13 +59,23 @@ class TorchvisionDetector(DetectorModule):
         f1_score_threshold: float = 0.5,
     ) -> None:
         if arch not in ARCHS:
-            raise ValueError(
-                f"model.arch: unknown architecture {arch!r} (choose from {', '.join(ARCHS)})"
+            raise ConfigError(
+                f"model.arch={arch}: unknown architecture; choose from {', '.join(ARCHS)}"
+            )
+        backbone = dict(backbone or {"name": "resnet50"})
+        if backbone.get("name") not in BACKBONES:
+            raise ConfigError(
+                f"model.backbone.name={backbone.get('name')}: unknown backbone; choose from "
+                f"{', '.join(BACKBONES)}"
+            )
+        if backbone.get("norm", "group") not in NORMS:
+            raise ConfigError(
+                f"model.backbone.norm={backbone.get('norm')}: choose from {', '.join(NORMS)}"
             )
         self.arch = arch
         self.backend = arch
         self.with_masks = arch == "maskrcnn"
-        self.backbone_cfg = dict(backbone or {"name": "resnet50"})
+        self.backbone_cfg = backbone
         self.anchor_sizes = [float(s) for s in anchor_sizes]
         self.aspect_ratios = tuple(float(a) for a in aspect_ratios)
         self.score_threshold = score_threshold
@@ -142,7 +164,7 @@ def norm_layer(kind: str):
         return nn.BatchNorm2d
     if kind == "frozen":
         return torchvision.ops.misc.FrozenBatchNorm2d
-    raise ValueError(f"model.backbone.norm: unknown {kind!r} (use group, batch or frozen)")
+    raise ConfigError(f"model.backbone.norm={kind}: choose from {', '.join(NORMS)}")
 
 
 def build_backbone(cfg: dict, retinanet: bool = False) -> nn.Module:
@@ -160,7 +182,9 @@ def build_backbone(cfg: dict, retinanet: bool = False) -> nn.Module:
         _load_body_weights(body, cfg.get("weights_path"))
         extra = LastLevelP6P7(256, 256) if retinanet else None
         return _mobilenet_extractor(body, True, trainable, None, extra, norm_layer=norm)
-    raise ValueError(f"model.backbone.name: unknown backbone {name!r}")
+    raise ConfigError(
+        f"model.backbone.name={name}: unknown backbone; choose from {', '.join(BACKBONES)}"
+    )
 
 
 def _load_body_weights(body: nn.Module, path: str | None) -> None:
