@@ -6,8 +6,13 @@ Logged names:
 - ``val/map``: COCO box AP averaged over IoU 0.50:0.95.
 - ``val/map_50``: box AP at IoU 0.50; ``val/map_50_casing``, ``val/map_50_primer``: the same per class
   (-1 when the validation set has no object of that class, as COCO reports it).
+- ``val/map_75``, ``val/map_75_casing``, ``val/map_75_primer``: the same at IoU 0.75 (tight boxes).
 - ``val/segm_map``: mask AP 0.50:0.95, for backends that predict masks.
 - ``val/f1``: F1 of box matches at IoU >= 0.5 among detections scoring >= ``f1_score_threshold``.
+- ``train/epoch_images``: images the training epoch went through (every image, on small sets).
+- Cross-validated fine-tuning (`cartridgeocr.finetune`): a fold run logs ``before/<val metric>``, the
+  start weights' score on its held-out fold; the fine-tune run logs ``cv/before/<val metric>/mean``
+  (and ``/std``), the same for ``cv/after/...``, and ``cv/epochs``, the epoch count the folds chose.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 TRAIN_LOSS = "train/loss"
 VAL_MAP = "val/map"
 VAL_MAP_50 = "val/map_50"
+VAL_MAP_75 = "val/map_75"
 VAL_SEGM_MAP = "val/segm_map"
 VAL_F1 = "val/f1"
+TRAIN_EPOCH_IMAGES = "train/epoch_images"
+CV_EPOCHS = "cv/epochs"
 
 
 def train_component(name: str) -> str:
@@ -42,7 +50,32 @@ def val_map_50_class(category_id: int) -> str:
     return f"val/map_50_{CATEGORY_NAMES[category_id]}"
 
 
+def val_map_75_class(category_id: int) -> str:
+    return f"val/map_75_{CATEGORY_NAMES[category_id]}"
+
+
 VAL_MAP_50_PER_CLASS = {cid: val_map_50_class(cid) for cid in CATEGORY_NAMES}
+VAL_MAP_75_PER_CLASS = {cid: val_map_75_class(cid) for cid in CATEGORY_NAMES}
+#: The box metrics every evaluation reports, in the order summaries print them.
+VAL_BOX_METRICS = (
+    VAL_MAP,
+    VAL_MAP_50,
+    VAL_MAP_75,
+    *VAL_MAP_50_PER_CLASS.values(),
+    *VAL_MAP_75_PER_CLASS.values(),
+    VAL_F1,
+)
+
+
+def before_finetune(name: str) -> str:
+    """A fold run's score of its start weights, e.g. ``before/val/map_75_primer``."""
+    return f"before/{name}"
+
+
+def cv_summary(name: str, when: str, stat: str) -> str:
+    """Cross-validation summary, e.g. ``cv/after/val/map_75_primer/mean``; ``when`` is
+    ``before`` or ``after`` fine-tuning, ``stat`` is ``mean`` or ``std`` over the folds."""
+    return f"cv/{when}/{name}/{stat}"
 
 
 class F1Score(Metric):
@@ -121,9 +154,11 @@ class DetectionEvaluator(torch.nn.Module):
         out = {
             VAL_MAP: float(r[f"{box}map"]),
             VAL_MAP_50: float(r[f"{box}map_50"]),
+            VAL_MAP_75: float(r[f"{box}map_75"]),
             VAL_F1: float(self.f1.compute()),
         }
-        out.update(_per_class_ap50(r[f"{box}precision"], r["classes"]))
+        out.update(_per_class_ap(r[f"{box}precision"], r["classes"], 0, VAL_MAP_50_PER_CLASS))
+        out.update(_per_class_ap(r[f"{box}precision"], r["classes"], 5, VAL_MAP_75_PER_CLASS))
         if self.with_masks:
             out[VAL_SEGM_MAP] = float(r["segm_map"])
         return out
@@ -137,15 +172,18 @@ def _empty_masks(det: Detections, h: int, w: int) -> Tensor:
     return torch.zeros((len(det), h, w), dtype=torch.bool, device=det.boxes.device)
 
 
-def _per_class_ap50(precision: Tensor, classes: Tensor) -> dict[str, float]:
-    """AP at IoU 0.5 per class from COCOeval's precision array (T, R, K, A, M): area 'all', 100 dets."""
-    out = {name: -1.0 for name in VAL_MAP_50_PER_CLASS.values()}
+def _per_class_ap(
+    precision: Tensor, classes: Tensor, iou_index: int, names: dict[int, str]
+) -> dict[str, float]:
+    """AP per class at one IoU threshold (index into 0.50:0.05:0.95, so 0 is 0.5 and 5 is 0.75)
+    from COCOeval's precision array (T, R, K, A, M): area 'all', 100 detections."""
+    out = {name: -1.0 for name in names.values()}
     if precision.ndim != 5:
         return out
     for k, cid in enumerate(classes.flatten().tolist()):
-        if cid not in VAL_MAP_50_PER_CLASS:
+        if cid not in names:
             continue
-        p = precision[0, :, k, 0, -1]
+        p = precision[iou_index, :, k, 0, -1]
         valid = p[p > -1]
-        out[VAL_MAP_50_PER_CLASS[cid]] = float(valid.mean()) if len(valid) else -1.0
+        out[names[cid]] = float(valid.mean()) if len(valid) else -1.0
     return out
