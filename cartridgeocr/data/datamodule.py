@@ -84,6 +84,34 @@ def split_records(records: list[ImageRecord], val_fraction: float, seed: int) ->
     return [records[i] for i in train], [records[i] for i in val]
 
 
+def fold_records(records: list[ImageRecord], folds: int, fold: int, seed: int) -> tuple[list, list]:
+    """K-fold split for cross-validation: a seeded permutation cut into ``folds`` near-equal
+    parts; part ``fold`` (0-based) is validation, the rest training. Every image is validation
+    in exactly one fold, and the same seed always gives the same parts."""
+    order = torch.randperm(
+        len(records), generator=torch.Generator().manual_seed(int(seed))
+    ).tolist()
+    val = set(order[fold::folds])
+    return (
+        [r for i, r in enumerate(records) if i not in val],
+        [r for i, r in enumerate(records) if i in val],
+    )
+
+
+#: Drop a short last training batch only when an epoch has at least this many full batches.
+DROP_LAST_MIN_BATCHES = 8
+
+
+def drop_last_batch(num_images: int, batch_size: int) -> bool:
+    """Whether the training loader drops the short last batch of an epoch.
+
+    A short batch skews batch-norm statistics and batch-size-scaled losses, which matters
+    little and costs under 1/8 of an epoch (a different few images each epoch, as the loader
+    shuffles) when there are many batches. On a small set it would silently drop a large part
+    of the data every epoch (11 photos at batch 8 would train on 8), so all images are kept."""
+    return num_images % batch_size != 0 and num_images // batch_size >= DROP_LAST_MIN_BATCHES
+
+
 def check_loader_args(
     image_size: Any, batch_size: Any, num_workers: Any, val_fraction: Any
 ) -> None:
@@ -97,6 +125,16 @@ def check_loader_args(
         raise ConfigError(f"data.val_fraction={val_fraction}: must be a number in [0, 1]")
     if not 0.0 <= float(val_fraction) <= 1.0:
         raise ConfigError(f"data.val_fraction={val_fraction}: must be a number in [0, 1]")
+
+
+def check_fold_args(folds: Any, fold: Any) -> None:
+    """``folds``/``fold`` name one fold of a K-fold split: both set, or neither."""
+    if folds is None and fold is None:
+        return
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"data.folds={folds}: must be an integer >= 2 (or null: no folds)")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise ConfigError(f"data.fold={fold}: must be an integer in [0, {folds - 1}] (0-based)")
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -118,9 +156,12 @@ class DetectionDataModule(L.LightningDataModule):
         seed: int | None = 0,
         augment: dict | None = None,
         name: str = "coco",
+        folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__()
         check_loader_args(image_size, batch_size, num_workers, val_fraction)
+        check_fold_args(folds, fold)
         self.annotations, self.images = annotations, images
         self.format = format
         self.val_annotations, self.val_images = val_annotations, val_images
@@ -134,6 +175,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.augment = dict(augment or {"name": "none"})
         augment_params(self.augment)  # typos and bad values fail now, naming the key
         self.name = name
+        self.folds, self.fold = (int(folds), int(fold)) if folds else (None, None)
         self.train_set: DetectionDataset | None = None
         self.val_set: DetectionDataset | None = None
         self.index: CocoIndex | None = None
@@ -157,15 +199,37 @@ class DetectionDataModule(L.LightningDataModule):
                 self.index.records,
                 self._load(self.val_annotations, self.val_images or self.images).records,
             )
+        elif self.folds:
+            if len(self.index.records) < self.folds:
+                raise ConfigError(
+                    f"data.folds={self.folds}: {self.annotations} has only "
+                    f"{len(self.index.records)} images; use at most that many folds"
+                )
+            train, val = fold_records(self.index.records, self.folds, self.fold, self.seed)
         else:
             train, val = split_records(self.index.records, self.val_fraction, self.seed)
         train_tf = build_transforms(self.augment, self.image_size, train=True)
         val_tf = build_transforms(self.augment, self.image_size, train=False)
         self.train_set = DetectionDataset(train, self.image_size, train_tf)
         self.val_set = DetectionDataset(val, self.image_size, val_tf)
-        log.info("data %s: %d train / %d val images", self.name, len(train), len(val))
+        fold = f" (fold {self.fold + 1} of {self.folds})" if self.folds else ""
+        dropped = (
+            len(train) % self.batch_size if drop_last_batch(len(train), self.batch_size) else 0
+        )
+        log.info(
+            "data %s%s: %d train / %d val images; %s",
+            self.name,
+            fold,
+            len(train),
+            len(val),
+            f"each epoch trains on {len(train) - dropped} (a different short batch of {dropped} "
+            "is dropped each epoch)"
+            if dropped
+            else "each epoch trains on all of them",
+        )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        drop_last = shuffle and drop_last_batch(len(dataset), self.batch_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -174,8 +238,7 @@ class DetectionDataModule(L.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
         )
 

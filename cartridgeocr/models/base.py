@@ -20,7 +20,12 @@ from torch import Tensor, nn
 
 from cartridgeocr.detections import Detections
 from cartridgeocr.errors import ConfigError, NonFiniteLossError
-from cartridgeocr.metrics import TRAIN_LOSS, DetectionEvaluator, train_component
+from cartridgeocr.metrics import (
+    TRAIN_EPOCH_IMAGES,
+    TRAIN_LOSS,
+    DetectionEvaluator,
+    train_component,
+)
 
 CHECKPOINT_CLASS_KEY = "cartridgeocr_class"
 
@@ -58,6 +63,13 @@ class DetectorModule(L.LightningModule):
     @abstractmethod
     def predict(self, images: list[Tensor]) -> list[Detections]: ...
 
+    def backbone_modules(self) -> list[nn.Module]:
+        """The feature extractor: the layers ``finetune.freeze=backbone`` freezes."""
+        raise ConfigError(
+            f"finetune.freeze=backbone: the {self.backend} backend does not say which layers "
+            "are its backbone; use finetune.freeze=none"
+        )
+
     def export_files(self, best_checkpoint: str | None, out_dir: Path) -> list[Path]:
         """Backend-specific files logged under ``export/`` when training ends (e.g. a YOLO .pt)."""
         return []
@@ -74,6 +86,17 @@ class DetectorModule(L.LightningModule):
         n = len(images)
         self.log(TRAIN_LOSS, total, prog_bar=True, batch_size=n)
         self.log_dict({train_component(k): v.detach() for k, v in losses.items()}, batch_size=n)
+        # Images this epoch trained on, summed over its batches (and processes): shows when a
+        # loader drops data, logged once per epoch.
+        self.log(
+            TRAIN_EPOCH_IMAGES,
+            float(n),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            sync_dist=True,
+            batch_size=1,
+        )
         return total
 
     def on_validation_epoch_start(self) -> None:
