@@ -1,4 +1,5 @@
-"""Lightning callbacks that put a run's pictures, predictions and checkpoints into MLflow."""
+"""Lightning callbacks: the run's pictures, predictions and checkpoints in MLflow, checkpoint
+choice, a CPU budget, and the fine-tune's backbone freezing and per-epoch metric history."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
+from torch import Tensor
 
 from cartridgeocr import tracking
 from cartridgeocr.metrics import TRAIN_LOSS
@@ -191,4 +193,103 @@ class CpuBudget(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.used = self._cpu() - self._start
         if self.seconds is not None and self.used >= self.seconds:
+            trainer.should_stop = True
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose best checkpoint goes to the later epoch when scores tie.
+
+    Lightning keeps the earlier of two equal scores. On a handful of validation photos a metric
+    such as ``val/map_50`` reaches 1.0 after the first step and then only ties, so the "best"
+    checkpoint would stay at step 1 however much later epochs improve. With
+    ``later_wins_ties=True`` (the default) an equal score replaces the kept checkpoint.
+    ``monitor="step"`` (mode max) keeps the latest checkpoint: what ``finetune.monitor=last`` sets.
+    """
+
+    def __init__(self, *args, later_wins_ties: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.later_wins_ties = later_wins_ties
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: Tensor | None = None) -> bool:
+        if not self.later_wins_ties or current is None or self.save_top_k in (0, -1):
+            return super().check_monitor_top_k(trainer, current)
+        if len(self.best_k_models) < self.save_top_k:
+            return True
+        monitor_op = {"min": torch.le, "max": torch.ge}[self.mode]
+        better_or_equal = bool(monitor_op(current, self.best_k_models[self.kth_best_model_path]))
+        return trainer.strategy.reduce_boolean_decision(better_or_equal)
+
+    def _update_best_and_save(
+        self, current: Tensor, trainer: L.Trainer, monitor_candidates
+    ) -> None:
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        if self.later_wins_ties and self.best_model_score is not None:
+            # With save_top_k > 1 Lightning picks the first of equal scores: take the newest.
+            ties = [p for p, v in self.best_k_models.items() if bool(v == self.best_model_score)]
+            self.best_model_path = ties[-1]
+
+
+class FreezeBackbone(Callback):
+    """Freezes the backend's backbone (`DetectorModule.backbone_modules`) for fine-tuning: its
+    parameters get no gradient and its normalisation layers keep their running statistics
+    (eval mode), so a few photos of one table and one light cannot shift the features that the
+    large pre-training set shaped. The neck and the heads keep training."""
+
+    def __init__(self) -> None:
+        self.modules: list[torch.nn.Module] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # `setup` runs before `configure_optimizers`, which only takes trainable parameters.
+        if stage != "fit" or self.modules:
+            return
+        self.modules = list(pl_module.backbone_modules())
+        frozen = 0
+        for module in self.modules:
+            for param in module.parameters():
+                frozen += param.numel() if param.requires_grad else 0
+                param.requires_grad_(False)
+        total = sum(p.numel() for p in pl_module.parameters())
+        log.info("froze the backbone: %d of %d parameters stay as they were", frozen, total)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for module in self.modules:
+            module.eval()
+
+
+class MetricHistory(Callback):
+    """Keeps every validation epoch's metrics in memory (``epochs[i]`` is epoch i's), for code
+    that picks an epoch after `train` returns, such as cross-validated fine-tuning."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # `on_validation_end`, not `..._epoch_end`: callbacks' epoch-end hooks run before the
+        # module's, which is where the metrics are logged.
+        if trainer.sanity_checking:
+            return
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and isinstance(v, Tensor | float | int)
+        }
+        # Placed by epoch, in case validation skipped one (check_val_every_n_epoch > 1).
+        while len(self.epochs) < trainer.current_epoch:
+            self.epochs.append({})
+        if len(self.epochs) == trainer.current_epoch:
+            self.epochs.append(metrics)
+        else:
+            self.epochs[trainer.current_epoch] = metrics
+
+
+class StopAfterEpochs(Callback):
+    """Stops training after ``epochs`` epochs while ``trainer.max_epochs`` (and so the learning
+    rate schedule, which spans max_epochs) stays as it is: the final model of cross-validated
+    fine-tuning follows exactly the schedule its folds followed, and stops where they chose."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = int(epochs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
