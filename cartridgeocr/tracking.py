@@ -8,6 +8,7 @@ Artifact layout of a run::
     overlays/epoch_NNN/*.png     predicted (solid) vs true (dashed) boxes and masks
     plots/loss.png               training loss curves
     export/*                     backend-specific exports (YOLO: best.pt loadable by ultralytics.YOLO)
+    cv/folds.json, plots/cv.png  cross-validated fine-tuning: per-fold scores and curves
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ PREDICTIONS_DIR = "predictions"
 OVERLAYS_DIR = "overlays"
 PLOTS_DIR = "plots"
 LOSS_PLOT = "loss.png"
+CV_DIR = "cv"
+CV_TABLE = "folds.json"
+CV_PLOT = "cv.png"
+#: MLflow's tag that nests a run under another in the UI (cross-validation folds).
+PARENT_RUN_TAG = "mlflow.parentRunId"
 EXPORT_DIR = "export"
 #: Experiment tag that makes MLflow's UI show this project's runs in its model-training view.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -176,6 +182,28 @@ def create_logger(
     )
 
 
+def create_run(cfg: DictConfig, tags: dict[str, str]) -> str:
+    """Open a run now, before training starts, and return its id: a parent whose child runs
+    (cross-validation folds) must name it while they train. Training then logs into it with
+    ``train(cfg, run_id=...)``. Same store, experiment and name as `create_logger` would use."""
+    uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    prepare_store(uri)
+    client = mlflow.MlflowClient(uri)
+    name = cfg.logger.experiment_name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        experiment_id = client.create_experiment(
+            name,
+            artifact_location=default_artifact_location(uri, cfg.logger.get("artifact_location")),
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(
+        experiment_id, run_name=cfg.get("run_name") or default_run_name(cfg), tags=tags
+    )
+    return run.info.run_id
+
+
 def git_commit(path: str | Path) -> str:
     try:
         out = subprocess.run(
@@ -202,7 +230,13 @@ def run_tags(cfg: DictConfig, overrides: list[str], backend: str) -> dict[str, s
         "mlflow.source.git.commit": commit,
         "overrides": " ".join(overrides) or "(none)",
         **({"pretrained_from": str(cfg.pretrained_from)} if cfg.get("pretrained_from") else {}),
+        **({PARENT_RUN_TAG: str(cfg.parent_run)} if cfg.get("parent_run") else {}),
+        **(_fold_tag(cfg.data) if cfg.data.get("folds") else {}),
     }
+
+
+def _fold_tag(data: DictConfig) -> dict[str, str]:
+    return {"fold": f"{int(data.fold) + 1} of {int(data.folds)}"}
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from cartridgeocr import tracking
 from cartridgeocr.errors import ConfigError, user_errors
@@ -32,18 +32,20 @@ def train(
     cfg: DictConfig,
     overrides: Sequence[str] = (),
     hydra_cfg: DictConfig | None = None,
+    run_id: str | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the configured backend on the configured data. Returns (metrics, objects).
 
     ``overrides`` are the command-line overrides the config was composed from (recorded as the
     run's ``overrides`` tag and ``config/overrides.yaml``); ``hydra_cfg`` is Hydra's own config
-    when called from the CLI (recorded as ``config/hydra.yaml``). Nothing is read from globals.
+    when called from the CLI (recorded as ``config/hydra.yaml``); ``run_id`` names an MLflow run
+    opened beforehand (`tracking.create_run`) to log into. Nothing is read from globals.
     """
     # mlflow.set_tracking_uri (called inside Lightning's logger) writes $MLFLOW_TRACKING_URI;
     # restore it so a second train() in the same process resolves its own store.
     saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return _train(cfg, list(overrides), hydra_cfg)
+        return _train(cfg, list(overrides), hydra_cfg, run_id)
     finally:
         if saved_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -52,7 +54,7 @@ def train(
 
 
 def _train(
-    cfg: DictConfig, overrides: list[str], hydra_cfg: DictConfig | None
+    cfg: DictConfig, overrides: list[str], hydra_cfg: DictConfig | None, run_id: str | None
 ) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:  # 0 is a seed like any other
         L.seed_everything(int(cfg.seed), workers=True)
@@ -69,7 +71,8 @@ def _train(
     callbacks = build_callbacks(cfg)
 
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
-    ckpt_path, run_id = resume_point(cfg)
+    ckpt_path, resumed_run_id = resume_point(cfg)
+    run_id = run_id or resumed_run_id
     logger = None
     if not fast_dev_run:  # Lightning turns loggers off for fast_dev_run anyway: make no empty run
         # MLFlowLogger opens its run lazily, so a trainer config error below leaves no run behind.
@@ -213,71 +216,31 @@ def train_with_finetune(
     cfg: DictConfig, overrides: Sequence[str] = (), hydra_cfg: DictConfig | None = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """`train(cfg)`, then, when ``finetune.annotations`` is set, a second run that starts from the
-    first run's best checkpoint and trains on the user's own labelled photos.
+    first run's best checkpoint and trains on the user's own labelled photos
+    (`cartridgeocr.finetune`). With ``finetune.start_from`` the first stage is skipped: the
+    fine-tune starts from that checkpoint or MLflow run instead.
 
     Both stages are MLflow runs of their own; the fine-tune run is tagged with the pre-training
-    run's id (``pretrained_from``) so the UI links them."""
-    metrics, objects = train(cfg, overrides, hydra_cfg)
+    run's id (``pretrained_from``) so the UI links them. The fine-tune settings and photos are
+    checked before the first stage starts."""
+    from cartridgeocr.finetune import check_finetune, finetune, start_weights
+
     ft = cfg.get("finetune")
     if not ft or not ft.get("annotations"):
-        return metrics, objects
-    stage2 = finetune_config(cfg, objects)
-    ft_metrics, ft_objects = train(stage2, overrides, hydra_cfg)
+        return train(cfg, overrides, hydra_cfg)
+    check_finetune(cfg)
+    if ft.get("start_from"):
+        start, pretrained_from = start_weights(cfg)
+        return finetune(cfg, start, pretrained_from, overrides, hydra_cfg)
+    metrics, objects = train(cfg, overrides, hydra_cfg)
+    start = _checkpoint_path(objects.get("checkpoint")) or _checkpoint_path(
+        objects.get("last_checkpoint")
+    )
+    if not start:
+        raise ConfigError("finetune: the pre-training stage saved no checkpoint to start from")
+    ft_metrics, ft_objects = finetune(cfg, start, objects.get("run_id"), overrides, hydra_cfg)
     ft_objects["pretrain"] = objects
     return ft_metrics, ft_objects
-
-
-def finetune_config(cfg: DictConfig, pretrain: dict[str, Any]) -> DictConfig:
-    """The fine-tune stage: ``data=coco`` (composed by Hydra) on the user's photos, weights from
-    the pre-trained run's best checkpoint."""
-    from cartridgeocr.experiments.compose import compose
-
-    ft = cfg.finetune
-    if not ft.get("images"):
-        raise ConfigError(
-            "finetune.images: set it to the folder of the photos in finetune.annotations"
-        )
-    weights = _checkpoint_path(pretrain.get("checkpoint")) or _checkpoint_path(
-        pretrain.get("last_checkpoint")
-    )
-    if not weights:
-        raise ConfigError("finetune: the pre-training stage saved no checkpoint to start from")
-    seed = cfg.get("seed")
-    data = compose(
-        ["data=coco", f"seed={'null' if seed is None else int(seed)}"],
-        root_dir=cfg.paths.root_dir,
-    ).data
-    with open_dict(data):
-        data.merge_with(
-            {
-                "name": "finetune",
-                "annotations": str(ft.annotations),
-                "images": str(ft.images),
-                "val_annotations": ft.get("val_annotations"),
-                "val_images": ft.get("val_images"),
-                "val_fraction": ft.get("val_fraction", 0.2),
-                "image_size": cfg.data.image_size,
-                "batch_size": cfg.data.batch_size,
-                "num_workers": cfg.data.num_workers,
-            }
-        )
-    stage2 = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    with open_dict(stage2):
-        stage2.data = OmegaConf.to_container(data, resolve=True)
-        stage2.model.weights_path = str(weights)
-        stage2.optim.lr = float(cfg.optim.lr) * float(ft.get("lr_scale", 0.3))
-        stage2.trainer.max_epochs = int(ft.get("max_epochs", 15))
-        if stage2.get("callbacks") and stage2.callbacks.get("cpu_budget"):
-            stage2.callbacks.cpu_budget.minutes = ft.get("cpu_budget_minutes")
-        stage2.paths.output_dir = str(Path(cfg.paths.output_dir) / "finetune")
-        for name in ("model_checkpoint", "last_checkpoint"):
-            if stage2.get("callbacks") and stage2.callbacks.get(name):
-                stage2.callbacks[name].dirpath = str(Path(stage2.paths.output_dir) / "checkpoints")
-        stage2.run_name = f"{cfg.get('run_name') or 'real_photos'}-finetune"
-        stage2.finetune = None
-        stage2.resume = None
-        stage2.pretrained_from = pretrain.get("run_id")
-    return stage2
 
 
 def _checkpoint_path(callback: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""Pictures for people: detection overlays and loss curves."""
+"""Pictures for people: detection overlays, loss curves and cross-validation curves."""
 
 from __future__ import annotations
 
@@ -91,6 +91,39 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], path: str | Path) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Training losses")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_cv(
+    curves: list[list[float]],
+    before: list[float],
+    metric: str,
+    chosen_epochs: int,
+    path: str | Path,
+) -> Path:
+    """Cross-validated fine-tuning at a glance: each fold's validation ``metric`` after every
+    epoch (thin), their mean (thick), the start weights' mean score (dashed) and the epoch
+    count the folds chose (vertical line). Epoch 0 is the start, before any fine-tuning."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for k, (curve, start) in enumerate(zip(curves, before)):
+        ax.plot(
+            range(len(curve) + 1), [start, *curve], linewidth=0.8, alpha=0.6, label=f"fold {k + 1}"
+        )
+    done = min(len(c) for c in curves)
+    mean = np.nanmean([[b, *c[:done]] for c, b in zip(curves, before)], axis=0)
+    ax.plot(range(done + 1), mean, color="black", linewidth=2.2, label="mean over folds")
+    ax.axhline(float(np.nanmean(before)), color="grey", linestyle="--", label="before fine-tuning")
+    ax.axvline(
+        chosen_epochs, color="tab:red", linestyle=":", label=f"chosen: {chosen_epochs} epochs"
+    )
+    ax.set_xlabel("fine-tuning epochs")
+    ax.set_ylabel(f"{metric} on the held-out fold")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Cross-validated fine-tuning")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -20,7 +20,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 def print_summary(cfg: DictConfig, metrics: dict[str, float], objects: dict) -> None:
     """One screen: run id, best metrics, where the artifacts are, how to open the UI."""
     from cartridgeocr import tracking
-    from cartridgeocr.metrics import VAL_F1, VAL_MAP, VAL_MAP_50, VAL_MAP_50_PER_CLASS, VAL_SEGM_MAP
+    from cartridgeocr.metrics import VAL_BOX_METRICS, VAL_SEGM_MAP
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(no_wrap=True)
@@ -31,8 +31,12 @@ def print_summary(cfg: DictConfig, metrics: dict[str, float], objects: dict) -> 
     ckpt = objects.get("checkpoint")
     score = getattr(ckpt, "best_model_score", None)
     best = f"{score:.4f}" if score is not None else "-"
-    table.add_row(f"best {cfg.monitor}", best)
-    for name in (VAL_MAP, VAL_MAP_50, *VAL_MAP_50_PER_CLASS.values(), VAL_SEGM_MAP, VAL_F1):
+    monitor = getattr(ckpt, "monitor", None) or cfg.monitor  # the fine-tune may watch another
+    if monitor == "step":
+        table.add_row("kept checkpoint", "the last epoch's")
+    else:
+        table.add_row(f"best {monitor}", best)
+    for name in (*VAL_BOX_METRICS, VAL_SEGM_MAP):
         if name in metrics:
             table.add_row(f"last {name}", f"{metrics[name]:.4f}")
     table.add_row("output folder", str(objects["output_dir"]))
@@ -46,6 +50,14 @@ def print_summary(cfg: DictConfig, metrics: dict[str, float], objects: dict) -> 
             ui += f" --default-artifact-root {location}"
         table.add_row("open the UI", ui)
     console.print(Panel(table, title="CartridgeOCR training finished", expand=False))
+    if objects.get("cv"):
+        from cartridgeocr.finetune import format_cv_table
+
+        text = format_cv_table(objects["cv"], objects["cv_epochs"])
+        title = (
+            f"Cross-validated fine-tuning: mean ± std over {len(objects['folds'])} held-out folds"
+        )
+        console.print(Panel(text, title=title, expand=False))
 
 
 def resume_config(cfg: DictConfig) -> DictConfig:

@@ -138,8 +138,13 @@ class TorchvisionDetector(DetectorModule):
     def loss(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         keys = ("boxes", "labels", "masks") if self.with_masks else ("boxes", "labels")
         tv_targets = [{k: t[k] for k in keys} for t in targets]
-        self.net.train()
+        if not self.net.training:  # torchvision returns losses only in train mode; a frozen
+            self.net.train()  # backbone's eval-mode norm layers stay as they are otherwise
         return self.net(images, tv_targets)
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """The ResNet or MobileNet body; the FPN, RPN and heads stay trainable."""
+        return [self.net.backbone.body]
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[Detections]:

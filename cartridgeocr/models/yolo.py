@@ -162,6 +162,12 @@ class YoloDetector(DetectorModule):
         self.net.load_state_dict(matching, strict=False)
         log.info("%s: loaded %d of %d weights", path, loaded, len(params))
 
+    def backbone_modules(self) -> list[nn.Module]:
+        """The layers of the yaml's ``backbone`` section (YOLOv8: 0-9, ending in SPPF), as
+        Ultralytics' ``freeze=10`` counts them; the neck and the Detect head stay trainable."""
+        depth = len(yaml_model_load(self.yaml_name())["backbone"])
+        return list(self.net.model[:depth])
+
     def inference_net(self) -> nn.Module:
         """The weights that are validated and exported: the EMA when it is on."""
         return self.ema_net if self.ema_net is not None else self.net
