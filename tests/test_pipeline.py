@@ -108,5 +108,5 @@ def test_real_photos_experiment_composes_the_documented_recipe(tmp_path):
     assert (
         cfg.optim.lr == 0.01
         and cfg.finetune.annotations == "a.json"
-        and cfg.finetune.max_epochs == 20
+        and cfg.finetune.max_epochs == 30
     )
