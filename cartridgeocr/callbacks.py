@@ -248,8 +248,8 @@ class FreezeBackbone(Callback):
             for param in module.parameters():
                 frozen += param.numel() if param.requires_grad else 0
                 param.requires_grad_(False)
-        total = sum(p.numel() for p in pl_module.parameters())
-        log.info("froze the backbone: %d of %d parameters stay as they were", frozen, total)
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        log.info("froze the backbone: %d parameters stay as they were, %d train", frozen, trainable)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for module in self.modules:

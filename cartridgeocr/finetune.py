@@ -32,9 +32,11 @@ from cartridgeocr.errors import ConfigError
 from cartridgeocr.metrics import (
     CV_EPOCHS,
     VAL_BOX_METRICS,
+    VAL_SEGM_MAP,
     before_finetune,
     cv_summary,
 )
+from cartridgeocr.models.base import SCHEDULERS
 
 log = logging.getLogger("cartridgeocr.finetune")
 
@@ -61,6 +63,7 @@ class FoldResult:
 def check_finetune(cfg: DictConfig) -> None:
     """Refuse a fine-tune setting that cannot work, and load (validate) the photos, before the
     first stage spends its time. Raises `ConfigError` / `DatasetError` naming the key or file."""
+    from cartridgeocr.data.coco import load_coco
     from cartridgeocr.train import build
 
     ft = cfg.finetune
@@ -79,14 +82,31 @@ def check_finetune(cfg: DictConfig) -> None:
         value = ft.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"finetune.{key}={value}: must be a positive number")
-    data = build(finetune_data(cfg), "finetune", augment={"name": "none"})
-    data.setup("fit")  # loads and validates the COCO file and every photo, naming what is wrong
-    if not data.train_set:
-        raise ConfigError(f"finetune.annotations={ft.annotations}: leaves no training photos")
-    if folds and len(data.index.records) < folds:
+    monitors = (LAST, *VAL_BOX_METRICS, VAL_SEGM_MAP)
+    if str(ft.get("monitor") or LAST) not in monitors:
+        raise ConfigError(f"finetune.monitor={ft.monitor}: choose from {', '.join(monitors)}")
+    if str(ft.get("scheduler", "none")) not in SCHEDULERS:
+        raise ConfigError(f"finetune.scheduler={ft.scheduler}: choose from {', '.join(SCHEDULERS)}")
+    augment_preset(cfg, str(ft.get("augment", "light")))
+    data = finetune_data(cfg)
+    build(data, "finetune", augment={"name": "none"})  # the loader settings
+    # Load and validate the COCO file and every photo now, naming what is wrong.
+    index = load_coco(
+        data.annotations, data.images, data.format, data.verify_images, data.skip_bad_images
+    )
+    if data.val_annotations:
+        load_coco(
+            data.val_annotations,
+            data.val_images or data.images,
+            data.format,
+            data.verify_images,
+            data.skip_bad_images,
+        )
+    photos = len(index.records)
+    if photos < (folds or (1 if data.val_annotations else 2)):
         raise ConfigError(
-            f"finetune.folds={folds}: {ft.annotations} has only {len(data.index.records)} "
-            "photos; use at most that many folds"
+            f"finetune.annotations={ft.annotations}: {photos} photo(s) is too few to "
+            + (f"split into finetune.folds={folds}" if folds else "train and validate on")
         )
 
 

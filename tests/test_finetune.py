@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from cartridgeocr import tracking
 from cartridgeocr.cli.train import print_summary
 from cartridgeocr.data.datamodule import drop_last_batch, fold_records
-from cartridgeocr.errors import ConfigError
+from cartridgeocr.errors import ConfigError, user_errors
 from cartridgeocr.finetune import choose_epochs
 from cartridgeocr.metrics import (
     TRAIN_EPOCH_IMAGES,
@@ -192,3 +192,23 @@ def test_cross_validated_finetune_records_folds_as_child_runs(tmp_path, capsys):
     print_summary(cfg, metrics, objects)  # what cartridgeocr-train prints at the end
     out = capsys.readouterr().err  # the CLI console writes to stderr
     assert "Cross-validated fine-tuning" in out and "val/map_75_primer" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.freeze=head", "finetune.freeze=head"),
+        ("finetune.folds=1", "finetune.folds=1"),
+        ("finetune.folds=7", "split into finetune.folds=7"),
+        ("finetune.monitor=val/mAP", "finetune.monitor=val/mAP"),
+        ("finetune.augment=heavy", "finetune.augment=heavy"),
+        ("finetune.images=/nowhere", "/nowhere"),
+    ],
+)
+def test_a_bad_finetune_setting_fails_before_the_first_stage(tmp_path, override, message):
+    ann, images = write_tiny_coco(tmp_path / "own", num_images=6)
+    extra = [f"finetune.annotations={ann}", f"finetune.images={images}", override]
+    cfg = compose_train_cfg(tmp_path, tiny_train_overrides(ann, images, extra))
+    with pytest.raises(user_errors(), match=message):  # one line, no traceback, in the CLI
+        train_with_finetune(cfg)
+    assert not (tmp_path / "mlflow.db").exists()  # no run was opened, nothing trained
