@@ -184,7 +184,10 @@ def finetune_config(cfg: DictConfig, start: str, pretrained_from: str | None) ->
         if str(ft.get("freeze", "none")) == "backbone":
             stage2.callbacks.freeze_backbone = {"_target_": "cartridgeocr.callbacks.FreezeBackbone"}
         set_output_dir(stage2, Path(cfg.paths.output_dir) / "finetune")
-        stage2.run_name = f"{cfg.get('run_name') or 'real_photos'}-finetune"
+        # e.g. yolov8n-finetune-320 (or <run_name>-finetune); folds add -fold<k>.
+        stage2.run_name = (
+            f"{cfg.run_name}-finetune" if cfg.get("run_name") else tracking.default_run_name(stage2)
+        )
         stage2.finetune = None  # the saved config re-runs (or resumes) this stage alone
         stage2.resume = None
         stage2.pretrained_from = pretrained_from
@@ -334,13 +337,20 @@ def cross_validate(
         monitor, mode = str(stage2.monitor), str(stage2.monitor_mode)
         epochs = choose_epochs([r.history for r in results], monitor, mode)
         summary = summarize(results, epochs)
-        log.info(
-            "the folds chose %d epochs (by %s); held-out folds, mean ± std over %d folds:\n%s",
-            epochs,
-            "the last epoch" if monitor == "step" else f"mean {monitor}",
-            folds,
-            format_cv_table(summary, epochs),
-        )
+        if monitor == "step":
+            log.info("the folds trained all %d epochs (finetune.monitor=last)", epochs)
+        else:
+            (bm, bs), (am, as_) = (mean_std(summary[monitor][w]) for w in ("before", "after"))
+            log.info(
+                "the folds chose %d epochs by mean %s: %.3f ± %.3f on the held-out folds "
+                "(%.3f ± %.3f before fine-tuning)",
+                epochs,
+                monitor,
+                am,
+                as_,
+                bm,
+                bs,
+            )
         if parent:
             record_cv(stage2, parent, results, summary, epochs)
         metrics, objects = train(final_config(stage2, epochs), overrides, hydra_cfg, run_id=parent)
@@ -418,7 +428,8 @@ def summarize(results: list[FoldResult], epochs: int) -> dict[str, dict[str, lis
     at the ``last`` epoch every fold completed (a score no choice was made on)."""
     last = min(len(r.history) for r in results)
     out: dict[str, dict[str, list[float]]] = {}
-    for name in VAL_BOX_METRICS:
+    masks = [VAL_SEGM_MAP] if VAL_SEGM_MAP in results[0].before else []
+    for name in (*VAL_BOX_METRICS, *masks):
         out[name] = {
             "before": [r.before.get(name, -1.0) for r in results],
             "after": [r.history[epochs - 1].get(name, -1.0) for r in results],
