@@ -17,7 +17,7 @@ from cartridgeocr import tracking
 from cartridgeocr.cli.train import print_summary
 from cartridgeocr.data.datamodule import drop_last_batch, fold_records
 from cartridgeocr.errors import ConfigError, user_errors
-from cartridgeocr.finetune import choose_epochs
+from cartridgeocr.finetune import choose_epochs, start_weights
 from cartridgeocr.metrics import (
     TRAIN_EPOCH_IMAGES,
     VAL_MAP,
@@ -212,3 +212,31 @@ def test_a_bad_finetune_setting_fails_before_the_first_stage(tmp_path, override,
     with pytest.raises(user_errors(), match=message):  # one line, no traceback, in the CLI
         train_with_finetune(cfg)
     assert not (tmp_path / "mlflow.db").exists()  # no run was opened, nothing trained
+
+
+def test_start_from_takes_a_checkpoint_file_or_an_mlflow_run(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["finetune.annotations=a.json", "finetune.images=imgs"])
+    out = tmp_path / "stage1"
+    (out / "checkpoints").mkdir(parents=True)
+    ckpt = out / "checkpoints" / "epoch003.ckpt"
+    ckpt.write_bytes(b"weights")
+    (out / tracking.RUN_ID_FILE).write_text("abc123\n")
+    cfg.finetune.start_from = str(ckpt)
+    assert start_weights(cfg) == (str(ckpt), "abc123")  # traced to its run by the run id file
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("x", artifact_location=str(tmp_path / "mlruns"))
+    run_id = client.create_run(experiment).info.run_id
+    best = tmp_path / tracking.BEST_CKPT
+    best.write_bytes(b"best weights")
+    client.log_artifact(run_id, str(best), tracking.CHECKPOINT_DIR)
+    cfg.finetune.start_from = run_id
+    path, source = start_weights(cfg)
+    assert source == run_id and Path(path).read_bytes() == b"best weights"
+
+    for missing in ("nope.ckpt", "0123456789abcdef0123456789abcdef"):
+        cfg.finetune.start_from = missing
+        with pytest.raises(ConfigError, match=f"finetune.start_from={missing}"):
+            start_weights(cfg)
