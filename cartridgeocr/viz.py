@@ -119,6 +119,7 @@ def plot_cv(
     ax.axvline(
         chosen_epochs, color="tab:red", linestyle=":", label=f"chosen: {chosen_epochs} epochs"
     )
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("fine-tuning epochs")
     ax.set_ylabel(f"{metric} on the held-out fold")
     ax.grid(alpha=0.3)
