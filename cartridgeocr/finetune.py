@@ -340,7 +340,8 @@ def cross_validate(
         if monitor == "step":
             log.info("the folds trained all %d epochs (finetune.monitor=last)", epochs)
         else:
-            (bm, bs), (am, as_) = (mean_std(summary[monitor][w]) for w in ("before", "after"))
+            row = compare(summary[monitor])
+            (bm, bs), (am, as_) = row["before"], row["after"]
             log.info(
                 "the folds chose %d epochs by mean %s: %.3f ± %.3f on the held-out folds "
                 "(%.3f ± %.3f before fine-tuning)",
@@ -439,19 +440,29 @@ def summarize(results: list[FoldResult], epochs: int) -> dict[str, dict[str, lis
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation over the folds, leaving out folds where the metric is
-    undefined (-1: no object of that class among the held-out photos)."""
-    valid = [v for v in values if v >= 0]
-    if not valid:
+    """Mean and sample standard deviation over the folds (nan for none, std 0 for one)."""
+    if not values:
         return float("nan"), float("nan")
-    return statistics.fmean(valid), statistics.stdev(valid) if len(valid) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def compare(stages: dict[str, list[float]], when: str = "after") -> dict[str, tuple[float, float]]:
+    """``before``, ``after`` (or ``last``) and the per-fold ``change`` of one metric, each as
+    (mean, std) over the folds where the metric is defined before and after (-1 means no object
+    of that class among a fold's held-out photos)."""
+    pairs = [(b, a) for b, a in zip(stages["before"], stages[when]) if b >= 0 and a >= 0]
+    return {
+        "before": mean_std([b for b, _ in pairs]),
+        when: mean_std([a for _, a in pairs]),
+        "change": mean_std([a - b for b, a in pairs]),
+    }
 
 
 def summary_metrics(summary: dict[str, dict[str, list[float]]]) -> dict[str, float]:
     out = {}
     for name, stages in summary.items():
         for when, values in stages.items():
-            mean, std = mean_std(values)
+            mean, std = mean_std([v for v in values if v >= 0])
             out[cv_summary(name, when, "mean")] = mean
             out[cv_summary(name, when, "std")] = std
     return out
@@ -462,12 +473,8 @@ def format_cv_table(summary: dict[str, dict[str, list[float]]], epochs: int) -> 
     per-fold change (after - before), as mean ± std over the folds."""
     lines = [f"{'metric':<20} {'before':>15} {f'after ({epochs} ep)':>15} {'change':>15}"]
     for name, stages in summary.items():
-        deltas = [a - b for a, b in zip(stages["after"], stages["before"]) if a >= 0 and b >= 0]
-        (bm, bs), (am, as_), (dm, ds) = (
-            mean_std(stages["before"]),
-            mean_std(stages["after"]),
-            mean_std(deltas),
-        )
+        row = compare(stages)
+        (bm, bs), (am, as_), (dm, ds) = row["before"], row["after"], row["change"]
         lines.append(
             f"{name:<20} {f'{bm:.3f} ± {bs:.3f}':>15} {f'{am:.3f} ± {as_:.3f}':>15} "
             f"{f'{dm:+.3f} ± {ds:.3f}':>15}"

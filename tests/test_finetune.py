@@ -4,6 +4,7 @@ a saturated metric, the backbone freeze, and cross-validated fine-tuning with ch
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +18,7 @@ from cartridgeocr import tracking
 from cartridgeocr.cli.train import print_summary
 from cartridgeocr.data.datamodule import drop_last_batch, fold_records
 from cartridgeocr.errors import ConfigError, user_errors
-from cartridgeocr.finetune import choose_epochs, start_weights
+from cartridgeocr.finetune import choose_epochs, compare, start_weights
 from cartridgeocr.metrics import (
     TRAIN_EPOCH_IMAGES,
     VAL_MAP,
@@ -240,3 +241,11 @@ def test_start_from_takes_a_checkpoint_file_or_an_mlflow_run(tmp_path):
         cfg.finetune.start_from = missing
         with pytest.raises(ConfigError, match=f"finetune.start_from={missing}"):
             start_weights(cfg)
+
+
+def test_before_after_comparison_keeps_falls_and_skips_undefined_folds():
+    stages = {"before": [0.9, 0.8, -1.0], "after": [0.7, 0.9, 0.5]}  # fold 3: class absent before
+    row = compare(stages)
+    assert row["before"][0] == pytest.approx(0.85) and row["after"][0] == pytest.approx(0.8)
+    assert row["change"][0] == pytest.approx(-0.05)  # a fall is reported as one
+    assert row["change"][1] == pytest.approx(statistics.stdev([-0.2, 0.1]))
