@@ -25,8 +25,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user as it stands."""
     from cartridgeocr.data.coco import DatasetError
     from cartridgeocr.errors import ConfigError
+    from cartridgeocr.reading.ocr.base import OcrUnavailable
 
-    errors: list[type[BaseException]] = [DatasetError, ConfigError]
+    errors: list[type[BaseException]] = [DatasetError, ConfigError, OcrUnavailable]
     try:
         from cartridgeocr.data.synthetic import SynthError
 
