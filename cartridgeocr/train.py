@@ -103,6 +103,10 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks.append(RichProgressBar(leave=True))
     if cfg.callbacks.get("cpu_budget_minutes"):
         callbacks.append(CpuBudget(cfg.callbacks.cpu_budget_minutes))
+    if logger is not None and cfg.callbacks.get("log_reader_model", True):
+        from cartridgeocr.serving.log import LogReaderModel
+
+        callbacks.append(LogReaderModel(ocr=cfg.callbacks.get("reader_ocr", "rapidocr")))
     if cfg.callbacks.get("early_stopping_patience"):
         callbacks.append(
             EarlyStopping(

@@ -114,6 +114,7 @@ def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None
         "trainer.enable_model_summary=false",
         "trainer.log_every_n_steps=1",
         "callbacks.rich_progress=false",
+        "callbacks.log_reader_model=false",  # tests/test_serving.py covers it, once
         "num_overlays=2",
         "summary=false",
         *model_overrides,
