@@ -33,7 +33,7 @@ from cartridgeocr.predictor import ImageInput, PredictedImage, Predictor
 from cartridgeocr.reading.lexicon import Lexicon
 from cartridgeocr.reading.ocr.base import OcrEngine
 from cartridgeocr.reading.postprocess import Cartridge, PostprocessConfig, postprocess
-from cartridgeocr.reading.text import normalise_token, split_tokens
+from cartridgeocr.reading.text import RAW_TOKEN, normalise_token
 from cartridgeocr.reading.unroll import RingTooThin, Strip, UnrollConfig, preprocess, unroll
 
 log = logging.getLogger("cartridgeocr.reading")
@@ -292,22 +292,19 @@ class Reader:
         candidates: list[Candidate] = []
         for (direction, polarity, _), pieces in zip(variants, all_pieces, strict=True):
             for piece in pieces:
-                x0, x1 = piece.x0, piece.x1
-                if direction == "inward":  # columns of the rotated strip -> upright strip
-                    x0, x1 = width - piece.x1, width - piece.x0
-                tokens, covered = self._tokens(piece.text)
-                if not tokens:
-                    continue
-                score = piece.confidence
-                if self.lexicon is not None:
-                    score *= 1.0 + self.read_cfg.lexicon_weight * covered
-                phi0, phi1 = float(strip.angle(x0)), float(strip.angle(x1))
-                candidates.append(
-                    Candidate(
-                        piece.text, tokens, piece.confidence, score, phi0, phi1,
-                        direction, polarity, x0, x1,
+                for text, raw, conf, share, a, b in self._token_spans(piece):
+                    # Token span within the piece -> columns of the upright, outward strip.
+                    x0 = piece.x0 + (piece.x1 - piece.x0) * a
+                    x1 = piece.x0 + (piece.x1 - piece.x0) * b
+                    if direction == "inward":
+                        x0, x1 = width - x1, width - x0
+                    score = conf
+                    if self.lexicon is not None:
+                        score *= 1.0 + self.read_cfg.lexicon_weight * share
+                    phi0, phi1 = float(strip.angle(x0)), float(strip.angle(x1))
+                    candidates.append(
+                        Candidate(raw, [text], conf, score, phi0, phi1, direction, polarity, x0, x1)
                     )
-                )  # fmt: skip
         kept = self._merge(candidates)
         kept.sort(key=lambda c: (c.phi0 - strip.start) % (2 * math.pi))
         tokens = [t for c in kept for t in c.tokens]
@@ -315,19 +312,44 @@ class Reader:
         conf = float(np.average([c.confidence for c in kept], weights=weights)) if kept else 0.0
         return Reading(" ".join(tokens), conf, tokens, kept, strip)
 
-    def _tokens(self, text: str) -> tuple[list[str], float]:
-        """(tokens, share of the characters the lexicon recognised) of one OCR piece."""
-        raw_tokens = split_tokens(text)
-        if self.lexicon is None:
-            return raw_tokens, 0.0
-        tokens: list[str] = []
-        covered, total = 0.0, 0
-        for raw in raw_tokens:
-            found, share = self.lexicon.tokens(raw)
-            tokens += found
-            covered += share * len(raw)
-            total += len(raw)
-        return tokens, (covered / total if total else 0.0)
+    def _token_spans(self, piece) -> list[tuple[str, str, float, float, float, float]]:
+        """The tokens of one OCR piece, each placed in it: (token, raw characters, confidence,
+        share recognised by the lexicon, start and end as fractions of the piece's width).
+
+        Each token competes on its own in the merge, so a piece such as ``NIM9MMLUGER`` (an
+        upside-down ``WIN`` run into ``9MM LUGER``) keeps its good tokens without blocking the
+        other direction's reading of ``WIN``."""
+        text = piece.text
+        n = max(len(text), 1)
+        chars = piece.char_confidences
+        out = []
+        for m in RAW_TOKEN.finditer(text):
+            raw = m.group(0)
+            norm = normalise_token(raw)
+            if not norm:
+                continue
+            a0, a1 = m.start() / n, m.end() / n
+            if self.lexicon is None:
+                conf = _span_confidence(chars, m.start(), m.end(), piece.confidence)
+                out.append((norm, raw, conf, 0.0, a0, a1))
+                continue
+            for match in self.lexicon.segment(norm):
+                keep = match.matched or (
+                    self.lexicon.keep_unmatched and match.end - match.start >= 2
+                )
+                if not keep:
+                    continue
+                # Character offsets in the normalised token, mapped proportionally into the raw one.
+                f0 = match.start / len(norm)
+                f1 = match.end / len(norm)
+                c0 = m.start() + round(f0 * len(raw))
+                c1 = m.start() + max(round(f1 * len(raw)), round(f0 * len(raw)) + 1)
+                conf = _span_confidence(chars, c0, c1, piece.confidence)
+                out.append(
+                    (match.text, raw[c0 - m.start() : c1 - m.start()], conf,
+                     1.0 if match.matched else 0.0, c0 / n, c1 / n)
+                )  # fmt: skip
+        return out
 
     def _merge(self, candidates: list[Candidate]) -> list[Candidate]:
         if self.read_cfg.merge == "strip" and candidates:
@@ -343,6 +365,13 @@ class Reader:
             if all(_arc_overlap(c, k) < self.read_cfg.min_overlap for k in kept):
                 kept.append(c)
         return kept
+
+
+def _span_confidence(chars: list[float] | None, start: int, end: int, default: float) -> float:
+    """Mean per-character confidence over a span, when the engine gives them."""
+    if chars and len(chars) >= end > start:
+        return float(np.mean(chars[start:end]))
+    return float(default)
 
 
 def _arc_overlap(a: Candidate, b: Candidate) -> float:

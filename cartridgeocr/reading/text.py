@@ -20,7 +20,10 @@ from rapidfuzz.distance import Levenshtein
 TOKEN_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789&-+")
 _LOOKALIKES = str.maketrans({"×": "X", "х": "X", "О": "O", "—": "-", "–": "-", "＆": "&"})
 #: Marks that separate stamped segments (and so tokens).
-_SEPARATORS = re.compile(r"[\s·•*°∙⋅⊕✱★☆,;:/|_()\[\]{}<>\"'`~!?=]+")
+_SEPARATOR_CHARS = r"\s·•*°∙⋅⊕✱★☆,;:/|_()\[\]{}<>\"'`~!?="
+_SEPARATORS = re.compile(f"[{_SEPARATOR_CHARS}]+")
+#: A raw token: a run of anything but separators (for locating tokens inside OCR output).
+RAW_TOKEN = re.compile(f"[^{_SEPARATOR_CHARS}]+")
 
 
 def normalise_token(token: str) -> str:

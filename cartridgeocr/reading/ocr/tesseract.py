@@ -16,7 +16,8 @@ INSTALL_HINT = (
     "install Tesseract: `sudo apt-get install tesseract-ocr` (Debian/Ubuntu), "
     "`brew install tesseract` (macOS), or set ocr.command to the tesseract binary"
 )
-#: Characters a headstamp uses; anything else Tesseract might output is noise.
+#: Characters a headstamp uses. Not passed by default: with a whitelist, Tesseract 5's LSTM
+#: drops the spaces between words and reports confidence 0.
 WHITELIST = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789&-.+x"
 
 
@@ -30,7 +31,7 @@ class TesseractEngine(OcrEngine):
         cap_height: float = 30.0,
         letter_fraction: float = 0.6,
         min_confidence: float = 0.3,
-        whitelist: str | None = WHITELIST,
+        whitelist: str | None = None,
         language: str = "eng",
         command: str | None = None,
         timeout_s: float = 10.0,
