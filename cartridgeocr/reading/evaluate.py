@@ -390,6 +390,7 @@ def run_evaluation(cfg: Any) -> tuple[dict[str, float], dict[str, Any]]:
     from cartridgeocr.reading.predict import resolve_device
 
     index = load_eval_data(cfg, cfg.get("max_images"))  # fail at the edge
+    reader = build_reader(cfg, None)
     source = load_model(
         cfg.get("checkpoint"), cfg.get("run_id"), cfg.logger.get("tracking_uri"), cfg.paths.root_dir
     )
@@ -400,7 +401,7 @@ def run_evaluation(cfg: Any) -> tuple[dict[str, float], dict[str, Any]]:
         max_pixels=int(cfg.max_pixels),
         read_max_side=cfg.get("read_max_side"),
     )
-    reader = build_reader(cfg, predictor)
+    reader.predictor = predictor
     metrics, rows, images = evaluate_reading(
         reader,
         index,

@@ -51,6 +51,7 @@ class PostprocessConfig:
     overlap_threshold: float = 0.6
     use_masks: bool = True
     max_centre_offset: float = 0.35
+    max_primer_ratio: float = 0.7
     primer_ratio: float = 0.3
 
     def __post_init__(self) -> None:
@@ -168,7 +169,8 @@ def pair_primers(
     """{casing index: primer index}, a global minimum-cost one-to-one assignment.
 
     A pair is feasible when the casing's ellipse contains the primer's centre, the centres are
-    within ``max_centre_offset`` casing radii and the primer is the smaller of the two; its cost
+    within ``max_centre_offset`` casing radii and the primer's radius is at most
+    ``max_primer_ratio`` of the casing's (primers are a quarter to a half of it); its cost
     is the centre offset in casing radii (ties go to the higher-scoring primer).
     """
     if not casings or not primers:
@@ -181,7 +183,7 @@ def pair_primers(
             if (
                 c.ellipse.contains(p.ellipse.cx, p.ellipse.cy)
                 and offset <= cfg.max_centre_offset
-                and p.ellipse.radius < c.ellipse.radius
+                and p.ellipse.radius <= cfg.max_primer_ratio * c.ellipse.radius
             ):
                 cost[i, j] = offset + 0.01 * (1.0 - p.score)
     rows, cols = linear_sum_assignment(cost)

@@ -72,6 +72,7 @@ def resolve_device(name: str) -> torch.device:
 def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
     """Returns (predictions.json records, objects: reader, output_dir, results summary)."""
     images = find_images(str(cfg.input))  # fail at the edge, before loading anything
+    reader = build_reader(cfg, None)  # settings and the OCR engine next: they fail fast
     source = load_model(
         cfg.get("checkpoint"), cfg.get("run_id"), cfg.logger.get("tracking_uri"), cfg.paths.root_dir
     )
@@ -82,7 +83,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
         max_pixels=int(cfg.max_pixels),
         read_max_side=cfg.get("read_max_side"),
     )
-    reader = build_reader(cfg, predictor)
+    reader.predictor = predictor
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = _picture_names(images)
