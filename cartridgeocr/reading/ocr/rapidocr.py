@@ -23,6 +23,8 @@ from cartridgeocr.reading.ocr.base import OcrEngine, OcrUnavailable, TextPiece, 
 
 log = logging.getLogger("cartridgeocr.reading.ocr")
 
+#: Widest image handed to RapidOCR's detector (below its 2000 px ``max_side_len``).
+DET_CHUNK = 1600
 INSTALL_HINT = "pip install rapidocr-onnxruntime (it ships its ONNX models; nothing is downloaded)"
 
 
@@ -108,17 +110,27 @@ class RapidOcrEngine(OcrEngine):
         return out
 
     def _det_rec(self, strip: np.ndarray) -> list[TextPiece]:
+        """Detection + recognition, on chunks short enough that RapidOCR never shrinks the strip
+        (its ``max_side_len`` of 2000 px would squash long strips' letters)."""
         rgb = to_rgb(strip)
-        h = rgb.shape[0]
+        h, w = rgb.shape[:2]
         pad = int(round(self.pad_fraction * h))
-        padded = np.ascontiguousarray(np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
-        result, _ = self.engine(padded, use_det=True, use_cls=False, use_rec=True)
-        pieces = []
-        for box, text, score in result or []:
-            xs = [p[0] for p in box]
-            if float(score) < self.min_confidence or not str(text).strip():
-                continue
-            pieces.append(TextPiece(str(text), float(score), min(xs) - pad, max(xs) - pad))
+        chunk = DET_CHUNK - 2 * pad
+        starts = [0] if w <= chunk else list(range(0, w - chunk, chunk * 3 // 4)) + [w - chunk]
+        pieces: list[TextPiece] = []
+        for x0 in starts:
+            part = rgb[:, x0 : x0 + chunk]
+            padded = np.ascontiguousarray(
+                np.pad(part, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+            )
+            result, _ = self.engine(padded, use_det=True, use_cls=False, use_rec=True)
+            for box, text, score in result or []:
+                xs = [p[0] for p in box]
+                a, b = min(xs) - pad, max(xs) - pad
+                inner_cut = (x0 > 0 and a < h / 4) or (x0 + chunk < w and b > part.shape[1] - h / 4)
+                if inner_cut or float(score) < self.min_confidence or not str(text).strip():
+                    continue
+                pieces.append(TextPiece(str(text), float(score), a + x0, b + x0))
         return pieces
 
 
