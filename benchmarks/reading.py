@@ -2,7 +2,7 @@
 geometry, on synthetic renders and on the real photos in ../shared/real-headstamps.
 
     python benchmarks/reading.py --checkpoint best.ckpt [--ocr rapidocr tesseract]
-        [--synthetic 200] [--no-lexicon-too] [--max-images N]
+        [--synthetic 200] [--no-lexicon-too] [--max-images N] [--datasets synthetic real]
 
 "gt" rows read the ring between the labelled casing and primer ellipses (reading errors only);
 "pred" rows read what the detector found (detection + pairing + reading). The synthetic set is
@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=200, help="synthetic renders (0: none)")
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--no-lexicon-too", action="store_true", help="also rows without the lexicon")
+    ap.add_argument(
+        "--datasets", nargs="+", default=["synthetic", "real"], choices=["synthetic", "real"]
+    )
     ap.add_argument("overrides", nargs="*", help="extra eval-config overrides (reading.*)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -56,11 +59,13 @@ def main() -> None:
     from cartridgeocr.reading.pipeline import build_reader
 
     datasets = []
-    if args.synthetic:
+    if args.synthetic and "synthetic" in args.datasets:
         datasets.append(
             ("synthetic", ["eval_data=synthetic", f"eval_data.num_images={args.synthetic}"])
         )
-    if (REAL / "annotations.json").is_file():
+    if "real" not in args.datasets:
+        pass
+    elif (REAL / "annotations.json").is_file():
         datasets.append(
             ("real", ["eval_data=real_sample", f"paths.shared_dir={ROOT.parent / 'shared'}"])
         )
