@@ -115,6 +115,12 @@ def main() -> None:
                     f"done: {data_name} {ocr} lexicon={lexicon} in {wall:.0f} s ({readings} readings)",
                     flush=True,
                 )
+                for r in rows[-2:]:  # as soon as measured: a long run shows its rows early
+                    print(
+                        f"  {r['geometry']}: recall {r['recall']:.3f} precision {r['precision']:.3f} "
+                        f"exact {r['exact']:.3f} CER {r['cer']:.3f} casings {r['casings']}",
+                        flush=True,
+                    )
 
     print()
     print(f"checkpoint: {args.checkpoint}")
