@@ -16,7 +16,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import MLFlowLogger
 
 from cartridgeocr import tracking
+from cartridgeocr.geometry import Letterbox
 from cartridgeocr.metrics import TRAIN_LOSS
+from cartridgeocr.predictor import unletterbox
 from cartridgeocr.viz import draw_overlay, plot_losses
 
 log = logging.getLogger("cartridgeocr.callbacks")
@@ -36,6 +38,12 @@ def _gather(obj: list) -> list:
     parts: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, obj)
     return [x for p in parts for x in p]
+
+
+def _original_size(target: dict) -> tuple[int, int]:
+    """(w, h) of the original image (targets from `DetectionDataset` carry it)."""
+    w, h = target.get("orig_size", (10**9, 10**9))
+    return int(w), int(h)
 
 
 class ValidationArtifacts(Callback):
@@ -66,7 +74,9 @@ class ValidationArtifacts(Callback):
         results = []
         for targets, dets in pl_module.val_outputs:
             for target, det in zip(targets, dets):
-                results += det.scaled(target["scale"]).to_coco_results(
+                # The Predictor's inverse mapping, so these are the pixels cartridgeocr-predict gives.
+                letterbox = Letterbox(target["scale"], _original_size(target), pl_module.image_size)
+                results += unletterbox(det, letterbox).to_coco_results(
                     target["image_id"], target["file_name"]
                 )
         results = _gather(results)

@@ -8,6 +8,8 @@ Artifact layout of a run::
     overlays/epoch_NNN/*.png     predicted (solid) vs true (dashed) boxes and masks
     plots/loss.png               training loss curves
     export/*                     backend-specific exports (YOLO: best.pt loadable by ultralytics.YOLO)
+    model/                       the headstamp reader as an MLflow pyfunc (mlflow models serve)
+    eval/                        cartridgeocr-eval runs: report.json, reading_table.csv/.html, gallery.png
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ EXPORT_DIR = "export"
 #: Experiment tag that makes MLflow's UI show this project's runs in its model-training view.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: The served model (MLflow pyfunc) every training run logs, and what `cartridgeocr-eval` logs.
+READER_MODEL = "model"
+EVAL_DIR = "eval"
+EVAL_TABLE = "reading_table.csv"
+EVAL_HTML = "reading_table.html"
+EVAL_GALLERY = "gallery.png"
+EVAL_REPORT = "report.json"
 #: File in the Hydra output folder that names the run's MLflow id.
 RUN_ID_FILE = "mlflow_run_id.txt"
 

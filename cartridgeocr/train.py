@@ -192,6 +192,7 @@ def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
     if local is not None:
         return str(local), run_id
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    tracking.prepare_store(uri)
     client = mlflow.MlflowClient(uri)
     try:
         client.get_run(run_id)

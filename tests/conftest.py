@@ -107,6 +107,7 @@ def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None
         "trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "callbacks.validation_artifacts.num_overlays=2",
+        "~callbacks.reader_model",  # tests/test_reading_cli.py covers it, once
         "summary=false",
         *model_overrides,
         *extra,

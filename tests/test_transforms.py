@@ -98,7 +98,8 @@ def test_validation_is_resize_and_top_left_pad_only() -> None:
     img, masks, boxes, labels = apply_transforms(tf, image, [mask], [[40, 20, 120, 60]], [1])
     assert img.shape == (100, 100, 3)
     assert (img[:50] == 200).all() and (img[50:] == 0).all()  # content top-left, zero padding
-    np.testing.assert_allclose(boxes[0], [20, 10, 60, 30])  # a single scale of 0.5
+    # A single scale of 0.5; boxes are the extents of the mask pixels (centres at integers).
+    np.testing.assert_allclose(boxes[0], [19.5, 9.5, 59.5, 29.5])
     assert masks[0].sum() == 40 * 20 and labels.tolist() == [1]
 
 
@@ -150,7 +151,7 @@ def test_dropped_objects_drop_their_masks() -> None:
         tf, image, [left, right], [[2, 10, 12, 20], [40, 30, 60, 50]], [1, 2]
     )
     assert labels.tolist() == [2] and len(masks) == 1
-    np.testing.assert_allclose(boxes[0], [10, 30, 30, 50])
+    np.testing.assert_allclose(boxes[0], [9.5, 29.5, 29.5, 49.5])  # pixels 10..29, 30..49
     assert masks[0][30:50, 10:30].all()
 
 

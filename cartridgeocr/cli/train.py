@@ -58,6 +58,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
 
     run_id, _ = resume_run(cfg)
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    tracking.prepare_store(uri)
     try:
         text = mlflow.MlflowClient(uri).download_artifacts(
             run_id, f"{tracking.CONFIG_DIR}/config.yaml"

@@ -2,7 +2,8 @@
 
 Samples follow torchvision's detection convention: a float image tensor (3, S, S) in [0, 1] and a
 target dict with ``boxes`` (N, 4) xyxy, ``labels`` (N,) category ids, ``masks`` (N, S, S) uint8,
-plus ``image_id``, ``file_name`` and ``scale`` (resized / original pixels, for mapping predictions back).
+plus ``image_id``, ``file_name``, ``scale`` (resized / original pixels, for mapping predictions back)
+and ``orig_size`` (original width, height).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cartridgeocr.data.coco import CocoIndex, ImageRecord, load_coco, polygons_to_mask
+from cartridgeocr.data.coco import CocoIndex, ImageRecord, load_coco
 from cartridgeocr.data.images import decode_image
 from cartridgeocr.data.transforms import apply_transforms, augment_params, build_transforms
 from cartridgeocr.errors import ConfigError
+from cartridgeocr.geometry import rasterize_polygons
 
 log = logging.getLogger("cartridgeocr.data")
 
@@ -41,7 +43,7 @@ class DetectionDataset(Dataset):
         masks, boxes, labels = [], [], []
         for ann in rec.annotations:
             if ann.polygons:
-                masks.append(polygons_to_mask(ann.polygons, h, w, scale))
+                masks.append(rasterize_polygons(ann.polygons, h, w, scale))
             else:  # box-only source: a filled box stands in for the mask
                 m = np.zeros((h, w), np.uint8)
                 x0, y0, x1, y1 = (np.array(ann.bbox) * scale).round().astype(int)
@@ -59,6 +61,7 @@ class DetectionDataset(Dataset):
             "file_name": rec.file_name,
             # Validation transforms only resize+pad from the top-left, so one factor maps back.
             "scale": s / max(rec.width, rec.height),
+            "orig_size": (rec.width, rec.height),
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         return tensor, target

@@ -24,6 +24,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from cartridgeocr.errors import ConfigError
+from cartridgeocr.geometry import masks_to_boxes
+
+__all__ = ["DEFAULTS", "apply_transforms", "augment_params", "build_transforms", "masks_to_boxes"]
 
 #: Every key an `augment` config may set. Missing keys take these values, which disable the
 #: corresponding transform, so this dict is also the `none` preset.
@@ -239,17 +242,6 @@ def build_transforms(augment_cfg: Any, image_size: int, train: bool) -> A.Compos
             filter_invalid_bboxes=True,
         ),
     )
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) masks -> (N, 4) float32 xyxy boxes covering the set pixels (edges, not centres)."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for i, m in enumerate(masks):
-        ys = np.flatnonzero(m.any(axis=1))
-        xs = np.flatnonzero(m.any(axis=0))
-        if len(xs):
-            boxes[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
-    return boxes
 
 
 def apply_transforms(
