@@ -38,11 +38,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import cartridgeocr.models.yolo  # noqa: F401  (sets Ultralytics up offline before it is imported)
 from cartridgeocr.categories import CATEGORY_NAMES
 from cartridgeocr.data.datamodule import DetectionDataModule
 from cartridgeocr.detections import Detections
 from cartridgeocr.metrics import VAL_MAP, VAL_MAP_50, DetectionEvaluator
+from cartridgeocr.models.offline import setup_ultralytics
 from cartridgeocr.models.yolo import YoloDetector
 from cartridgeocr.train import train
 
@@ -426,6 +426,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    setup_ultralytics(out / "ultralytics")  # offline, before either side imports Ultralytics
     runs: dict[int, dict] = {}
     for seed in range(args.seed, args.seed + args.seeds):
         runs[seed] = run_seed(args, seed, out)

@@ -68,6 +68,8 @@ def test_configs_compose_without_backbone(tmp_path: Path) -> None:
         assert cfg.model.task == target_task and cfg.model.image_size == 96
         assert run_tags(cfg, [], "yolo")["backbone"] == "yolov8n"
         assert cfg.optim.lr == 0.01
+        settings = Path(cfg.model.settings_dir)
+        assert settings.is_absolute() and settings.parent == Path(cfg.paths.cache_dir)
 
 
 # ---- loss and inference --------------------------------------------------------------------------
@@ -211,6 +213,7 @@ import torch
 torch.set_num_threads(3)
 from pathlib import Path
 from cartridgeocr.models.yolo import YoloDetector
+model = YoloDetector(image_size=64, task="segment", settings_dir=".cache/ultralytics").train()
 assert torch.get_num_threads() == 3, torch.get_num_threads()
 assert "OMP_NUM_THREADS" not in os.environ
 from ultralytics.utils import USER_CONFIG_DIR
@@ -219,7 +222,6 @@ assert (Path(USER_CONFIG_DIR) / "Arial.ttf").is_file()
 sys.path.insert(0, sys.argv[1])
 from test_yolo import disc_batch
 images, targets = disc_batch()
-model = YoloDetector(image_size=64, task="segment").train()
 opt = torch.optim.SGD(model.net.parameters(), lr=0.01)
 for _ in range(2):
     loss = sum(model.loss(images, targets).values())

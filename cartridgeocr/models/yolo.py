@@ -11,9 +11,11 @@ batch. `loss` returns those same batch-size-scaled components, so ``train/loss``
 what Ultralytics backpropagates; divide by ``data.batch_size`` to compare it with the per-image
 ``box_loss``/``cls_loss``/``dfl_loss`` that Ultralytics prints. The default SGD learning rate of
 0.01 (``optim=yolo_sgd``) assumes this scaling.
+
+Ultralytics is imported only when a model is built (`setup_ultralytics` first, with the settings
+folder the constructor is given): importing this module has no side effects.
 """
 
-# ruff: noqa: E402  (Ultralytics must be set up before it is first imported)
 from __future__ import annotations
 
 import logging
@@ -21,32 +23,21 @@ import re
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from cartridgeocr.models.offline import setup_ultralytics
-
-setup_ultralytics()
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import ultralytics
 from torch import Tensor, nn
 from torchvision.ops import box_convert
-from ultralytics.cfg import get_cfg
-from ultralytics.nn.tasks import (
-    DetectionModel,
-    SegmentationModel,
-    load_checkpoint,
-    yaml_model_load,
-)
-from ultralytics.utils import ops
-from ultralytics.utils.nms import non_max_suppression
-from ultralytics.utils.torch_utils import ModelEMA, intersect_dicts
 
 from cartridgeocr.categories import CATEGORY_NAMES
 from cartridgeocr.detections import Detections
 from cartridgeocr.errors import ConfigError
 from cartridgeocr.models.base import DetectorModule, build_optimizer
+from cartridgeocr.models.offline import setup_ultralytics
+
+if TYPE_CHECKING:
+    from ultralytics.utils.torch_utils import ModelEMA
 
 log = logging.getLogger("cartridgeocr.models.yolo")
 
@@ -85,6 +76,7 @@ class YoloDetector(DetectorModule):
         weights_path: str | None = None,
         optim: dict | None = None,
         f1_score_threshold: float = 0.5,
+        settings_dir: str | None = None,
     ) -> None:
         if not ARCH_PATTERN.fullmatch(str(arch)):
             raise ConfigError(
@@ -106,6 +98,8 @@ class YoloDetector(DetectorModule):
         self.max_det = int(max_det)
         self.ema_decay = float(ema_decay)
         self.ema_tau = float(ema_tau)
+        # Ultralytics, offline, with its settings in `settings_dir`; imported here, not at import.
+        setup_ultralytics(settings_dir)
         super().__init__(optim, f1_score_threshold, image_size, weights_path=None)
         if weights_path:
             self.load_start_weights(weights_path)
@@ -115,7 +109,8 @@ class YoloDetector(DetectorModule):
         self._ema: ModelEMA | None = None  # the updater, created at the first optimizer step
         self._ema_updates = 0
         self._criterion: Any = None
-        self.save_hyperparameters()
+        # settings_dir is where this machine keeps Ultralytics' settings, not part of the model.
+        self.save_hyperparameters(ignore=["settings_dir"])
 
     # ---- build ---------------------------------------------------------------------------------
     def ultralytics_args(self) -> dict[str, Any]:
@@ -137,6 +132,9 @@ class YoloDetector(DetectorModule):
         return f"{self.arch}-seg.yaml" if self.with_masks else f"{self.arch}.yaml"
 
     def build(self) -> nn.Module:
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel, SegmentationModel, yaml_model_load
+
         model_cls = SegmentationModel if self.with_masks else DetectionModel
         # The packaged yaml (scale read off the name), nc set first so Ultralytics logs no override.
         spec = yaml_model_load(self.yaml_name())
@@ -149,6 +147,8 @@ class YoloDetector(DetectorModule):
 
     def load_start_weights(self, path: str) -> None:
         """Start from a local file: our state_dict / Lightning checkpoint, or an Ultralytics .pt."""
+        from ultralytics.utils.torch_utils import intersect_dicts
+
         # Tensors with the same name and shape; fine-tuning from another class count changes only
         # the class head, so most weights must match.
         matching = intersect_dicts(read_net_state(path), self.net.state_dict())
@@ -212,6 +212,9 @@ class YoloDetector(DetectorModule):
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[Detections]:
+        from ultralytics.utils import ops
+        from ultralytics.utils.nms import non_max_suppression
+
         net = self.inference_net()
         was_training = net.training
         net.eval()
@@ -259,6 +262,8 @@ class YoloDetector(DetectorModule):
     def ema_updater(self) -> ModelEMA:
         """`ModelEMA` averaging into ``self.ema_net``. Created lazily, after Lightning has moved
         the module to its device: ModelEMA caches references to the network's tensors."""
+        from ultralytics.utils.torch_utils import ModelEMA
+
         if self._ema is None:
             ema = ModelEMA(
                 self.net, decay=self.ema_decay, tau=self.ema_tau, updates=self._ema_updates
@@ -293,6 +298,8 @@ class YoloDetector(DetectorModule):
     def ultralytics_checkpoint(self, lightning_checkpoint: str | None = None) -> dict[str, Any]:
         """The checkpoint dict Ultralytics' ``load_checkpoint`` reads, from a Lightning checkpoint
         (or the current weights). A fresh network is built so no device, DDP or SyncBN leaks in."""
+        import ultralytics
+
         prefix = "ema_net." if self.ema_net is not None else "net."
         if lightning_checkpoint:
             ckpt = torch.load(lightning_checkpoint, map_location="cpu", weights_only=True)
@@ -320,6 +327,9 @@ def read_net_state(path: str) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # not a tensors-only file: an Ultralytics checkpoint
+        setup_ultralytics()  # a no-op when a model was built already
+        from ultralytics.nn.tasks import load_checkpoint
+
         model, _ = load_checkpoint(path)
         return model.float().state_dict()
     state = state.get("state_dict", state)
