@@ -305,12 +305,19 @@ def speed(stats: dict, batch: int) -> dict:
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict]:
     """Both sides trained on seed ``seed`` (which also draws the train/val split), one evaluator."""
     args = argparse.Namespace(**{**vars(args), "seed": seed})
+    renders = out / "synthetic"  # the same renders for every seed; the seed draws the split
     out = out / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
+    def config(optim: dict) -> DictConfig:
+        cfg = compose_cfg(args, out, optim)
+        with open_dict(cfg):
+            cfg.data.cache_dir = str(renders)
+        return cfg
+
     # The split both sides train and validate on: the framework's own data module.
-    cfg = compose_cfg(args, out, {})
+    cfg = config({})
     from hydra.utils import instantiate
 
     dm: DetectionDataModule = instantiate(cfg.data, augment={"name": "none"}, _convert_="all")
@@ -321,7 +328,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict]:
     data_yaml = write_yolo_dataset(dm, out / "yolo_data")
 
     def ours() -> None:
-        results["ours"] = train_ours(compose_cfg(args, out, ours_optim))
+        results["ours"] = train_ours(config(ours_optim))
 
     def theirs() -> None:
         results["ultralytics"] = train_ultralytics(args, data_yaml, out, their_optim)
