@@ -14,7 +14,8 @@ the same letterboxed frame.
 per seed (``--seeds`` runs, seeds ``--seed``, ``--seed``+1, ...; the seed also picks the train/val
 split) and the table gives each seed's row and the mean ± std over seeds. Use a larger
 ``--num-images`` to shrink the noise of the validation set. The two sides alternate which goes
-first from seed to seed, so a change in the machine's load does not always favour the same side.
+first from seed to seed, so a change in the machine's load does not always favour the same side;
+``--parallel`` trains them at the same time instead, so that both see the same load.
 
 Speed, both sides measured in the same run: training images/second inside the training batches
 (forward, loss, backward, step, EMA), and wall seconds per epoch including validation,
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -73,29 +76,42 @@ def parse_args() -> argparse.Namespace:
         default="none",
         help="none: no augmentation on either side; default: each framework's own default",
     )
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train both sides at the same time, in two processes, so that they share the "
+        "machine's load (use with --threads 1 on a 2-core machine)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (runs per side)")
     p.add_argument("--out", type=Path, default=Path(".cache/bench_yolo"))
     return p.parse_args()
 
 
-def optim_settings(args: argparse.Namespace, steps_per_epoch: int) -> tuple[dict, dict]:
-    """The same optimiser for both: our `optim` group values and Ultralytics' train() arguments."""
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+def optim_settings(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The same optimiser for both: our `optim` group values and Ultralytics' train() arguments.
+
+    Ultralytics' warm-up as it does it by default: for SGD, Nesterov momentum warming up from 0.8
+    and the biases' lr falling from 0.1; for AdamW (as its optimizer=auto picks it), biases warming
+    up from 0 like every other weight. One optimiser step per batch on both sides (nbs = batch)."""
     if args.optimizer == "adamw":
         lr = round(0.002 * 5 / (4 + len(CATEGORY_NAMES)), 6)  # Ultralytics' own pick for short runs
         ours = {"name": "adamw", "lr": lr, "weight_decay": 5e-4, "betas": [0.9, 0.999]}
-        ours["scheduler"] = {"name": "cosine", "eta_min_ratio": 0.01, "warmup_steps": warmup_steps}
+        sched = {"name": "cosine", "warmup_bias_lr": 0.0}
         theirs = {"optimizer": "AdamW", "lr0": lr, "momentum": 0.9, "cos_lr": True}
+        theirs["warmup_bias_lr"] = 0.0
     else:
-        ours = {"name": "sgd", "lr": 0.01, "momentum": 0.937, "weight_decay": 5e-4}
-        ours["scheduler"] = {"name": "linear", "eta_min_ratio": 0.01, "warmup_steps": warmup_steps}
+        ours = {"name": "sgd", "lr": 0.01, "momentum": 0.937, "nesterov": True}
+        ours["weight_decay"] = 5e-4
+        sched = {"name": "linear", "warmup_bias_lr": 0.1, "warmup_momentum": 0.8}
         theirs = {"optimizer": "SGD", "lr0": 0.01, "momentum": 0.937, "cos_lr": False}
+        theirs.update(warmup_bias_lr=0.1, warmup_momentum=0.8)
+    ours["nbs"] = args.batch
+    ours["scheduler"] = {**sched, "eta_min_ratio": 0.01, "warmup_epochs": args.warmup_epochs}
     theirs.update(
         weight_decay=5e-4,
         lrf=0.01,
         warmup_epochs=args.warmup_epochs,
-        warmup_bias_lr=0.0,
         nbs=args.batch,  # nominal batch = batch: one optimiser step per batch, as ours
     )
     return ours, theirs
@@ -198,6 +214,13 @@ def write_yolo_dataset(dm: DetectionDataModule, root: Path) -> Path:
         )
     )
     return data
+
+
+def child_setup(args: argparse.Namespace, out: Path) -> None:
+    """The Ultralytics process of ``--parallel``: same threads and offline set-up as this one."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup_ultralytics(out.parent / "ultralytics")
 
 
 def train_ultralytics(
@@ -323,8 +346,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict]:
     dm: DetectionDataModule = instantiate(cfg.data, augment={"name": "none"}, _convert_="all")
     dm.prepare_data()
     dm.setup()
-    steps_per_epoch = -(-len(dm.train_set) // args.batch)
-    ours_optim, their_optim = optim_settings(args, steps_per_epoch)
+    ours_optim, their_optim = optim_settings(args)
     data_yaml = write_yolo_dataset(dm, out / "yolo_data")
 
     def ours() -> None:
@@ -334,9 +356,18 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict]:
         results["ultralytics"] = train_ultralytics(args, data_yaml, out, their_optim)
 
     results: dict = {}
-    order = (ours, theirs) if (seed - args.seed) % 2 == 0 else (theirs, ours)
-    for side in order:  # alternate who goes first, so load drift favours neither side
-        side()
+    if args.parallel:  # both at once: each sees the same load from the rest of the machine
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            1, mp_context=spawn, initializer=child_setup, initargs=(args, out)
+        ) as pool:
+            future = pool.submit(train_ultralytics, args, data_yaml, out, their_optim)
+            ours()
+            results["ultralytics"] = future.result()
+    else:
+        order = (ours, theirs) if (seed - args.seed) % 2 == 0 else (theirs, ours)
+        for side in order:  # alternate who goes first, so load drift favours neither side
+            side()
     (model, ours_stats), (theirs_pt, their_stats, train_args) = (
         results["ours"],
         results["ultralytics"],

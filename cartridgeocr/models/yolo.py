@@ -239,19 +239,10 @@ class YoloDetector(DetectorModule):
 
     # ---- optimisation and EMA ------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Ultralytics' parameter groups: weight decay on conv/linear weights only, not on
-        normalisation layers or biases. The optimiser and schedule are the shared `optim` config."""
-        decay, no_decay = [], []
-        for module in self.net.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if not param.requires_grad:
-                    continue
-                if name == "bias" or isinstance(module, NORM_LAYERS):
-                    no_decay.append(param)
-                else:
-                    decay.append(param)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return build_optimizer(self.optim_cfg, groups, self.trainer)
+        """Ultralytics' parameter groups: weight decay on conv/linear weights only; biases (those
+        of normalisation layers too) and normalisation weights get none, and biases get the bias
+        warm-up (``optim.scheduler.warmup_bias_lr``). Optimiser and schedule: the `optim` config."""
+        return build_optimizer(self.optim_cfg, parameter_groups(self.net), self.trainer)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Ultralytics updates the EMA after every optimiser step; so do we."""
@@ -317,6 +308,28 @@ class YoloDetector(DetectorModule):
             "date": datetime.now().astimezone().isoformat(),
             "version": ultralytics.__version__,
         }
+
+
+def parameter_groups(net: nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters split as Ultralytics' trainer splits them, each group named by its
+    ``param_group`` key: ``weight`` (decayed), ``bn`` (normalisation weights, no decay) and
+    ``bias`` (every bias, no decay)."""
+    groups: dict[str, list[nn.Parameter]] = {"weight": [], "bn": [], "bias": []}
+    for module in net.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if name == "bias":
+                groups["bias"].append(param)
+            elif isinstance(module, NORM_LAYERS):
+                groups["bn"].append(param)
+            else:
+                groups["weight"].append(param)
+    no_decay = {"bn": {"weight_decay": 0.0}, "bias": {"weight_decay": 0.0}}
+    return [
+        {"params": params, "param_group": name, **no_decay.get(name, {})}
+        for name, params in groups.items()
+    ]
 
 
 def read_net_state(path: str) -> dict[str, Tensor]:
