@@ -77,6 +77,7 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         monitor=cfg.callbacks.monitor,
         mode=cfg.callbacks.mode,
         save_top_k=1,
+        save_weights_only=True,  # the best weights, for use; resuming reads last.ckpt
     )
     # A separate, unmonitored callback for last.ckpt: since Lightning 2.6 `save_last=True` rewrites
     # it only when a new best is saved, which would make `resume=` restart from a stale epoch.

@@ -160,6 +160,25 @@ def test_checkpoint_reload_gives_same_predictions(trained: dict) -> None:
         torch.testing.assert_close(a.scores, b.scores)
 
 
+def test_best_checkpoint_holds_only_the_ema_weights(trained: dict) -> None:
+    """best.ckpt is for use: no optimiser state and only the EMA weights (a third of last.ckpt
+    with SGD, a quarter with AdamW; last.ckpt keeps what a resume needs); `load_detector` reads it."""
+    from cartridgeocr.models.base import load_detector
+
+    best_path = trained["checkpoint"].best_model_path
+    last_path = trained["last_checkpoint"].best_model_path
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    last = torch.load(last_path, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in best and last["optimizer_states"]
+    assert not any(k.startswith("net.") for k in best["state_dict"])
+    assert any(k.startswith("net.") for k in last["state_dict"])
+    assert Path(best_path).stat().st_size < 0.4 * Path(last_path).stat().st_size  # SGD: a third
+    model = load_detector(best_path)
+    for name, tensor in model.state_dict().items():
+        ema_name = name if name.startswith("ema_net.") else name.replace("net.", "ema_net.", 1)
+        torch.testing.assert_close(tensor, best["state_dict"][ema_name])
+
+
 def test_exported_best_pt_loads_in_ultralytics(trained: dict) -> None:
     from ultralytics import YOLO
 

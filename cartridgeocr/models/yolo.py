@@ -273,10 +273,21 @@ class YoloDetector(DetectorModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # the class key `load_detector` reads
         checkpoint[EMA_KEY] = {"updates": int(self.ema_updates)}
+        if self.ema_net is not None and "optimizer_states" not in checkpoint:
+            # A weights-only checkpoint (best.ckpt) is for use, not for resuming: keep only the
+            # EMA weights, which are what is validated and exported (yolov8n: 12 MB, where
+            # last.ckpt with AdamW's state is 48 MB).
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("net.")]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._ema_updates = int(checkpoint.get(EMA_KEY, {}).get("updates", 0))
         self._ema = None
+        state = checkpoint.get("state_dict", {})
+        if not any(k.startswith("net.") for k in state):  # weights-only: the EMA stands in
+            ema = {k: v for k, v in state.items() if k.startswith("ema_net.")}
+            state.update({"net." + k[len("ema_net.") :]: v for k, v in ema.items()})
 
     # ---- export --------------------------------------------------------------------------------
     def export_files(self, best_checkpoint: str | None, out_dir: Path) -> list[Path]:
