@@ -117,3 +117,13 @@ def test_warmup_in_epochs_leaves_the_last_epoch_out() -> None:
     cfg["scheduler"]["warmup_epochs"] = 5.0  # capped at epochs - 1 = 1 epoch for a 2-epoch run
     got = lrs_and_momenta(cfg, [11, 12], fake_trainer(steps_per_epoch=12, epochs=2))
     assert got[11]["weight"][0] < 1e-3 and got[12]["weight"][0] == pytest.approx(1e-3)
+
+
+def test_yolo_gradients_are_clipped_as_ultralytics_clips_them(tmp_path) -> None:
+    """Ultralytics clips the gradient norm at 10 (of ``loss.sum()``, the loss we backpropagate)."""
+    from conftest import compose_train_cfg
+
+    cfg = compose_train_cfg(tmp_path, ["model=yolo"])
+    assert cfg.optim.name == "sgd" and cfg.optim.nesterov  # optim=yolo_sgd is the default
+    assert cfg.trainer.gradient_clip_val == 10.0
+    assert cfg.trainer.get("gradient_clip_algorithm", "norm") == "norm"

@@ -95,6 +95,36 @@ def test_overfit_one_batch(task: str) -> None:
         assert history[-1]["seg"] < history[0]["seg"]
 
 
+def test_loss_is_what_ultralytics_trainer_backpropagates() -> None:
+    """The same batch in Ultralytics' own label format (class = id - 1, normalised cx cy w h,
+    image index per row) gives the same loss through its `DetectionModel.loss`, and our total
+    is its ``loss.sum()`` (components x batch size), which is what both clip at norm 10. The
+    network keeps Ultralytics' BatchNorm settings (eps 1e-3, momentum 0.03)."""
+    torch.manual_seed(0)
+    model = YoloDetector(image_size=S).train()
+    images, targets = disc_batch()
+    ours = model.loss(images, targets)
+    rows = [  # (image, class, cx, cy, w, h) of `disc_sample(30, 34, 18)` and `(36, 28, 14)`
+        (0, 0, 30, 34, 36, 36),
+        (0, 1, 30, 34, 14.4, 14.4),
+        (1, 0, 36, 28, 28, 28),
+        (1, 1, 36, 28, 11.2, 11.2),
+    ]
+    t = torch.tensor(rows, dtype=torch.float32)
+    batch = {
+        "img": torch.stack(images),
+        "batch_idx": t[:, 0],
+        "cls": t[:, 1:2],
+        "bboxes": t[:, 2:] / S,
+    }
+    theirs, items = model.net.loss(batch)
+    torch.testing.assert_close(torch.stack(list(ours.values())), theirs)
+    torch.testing.assert_close(sum(ours.values()), theirs.sum())
+    torch.testing.assert_close(theirs, torch.stack(list(items.values())) * len(images))
+    norms = [m for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-3 and m.momentum == 0.03 for m in norms)
+
+
 @pytest.mark.parametrize("task", ["detect", "segment"])
 def test_predict_returns_detections(task: str) -> None:
     model = YoloDetector(image_size=S, task=task, conf_threshold=0.0, max_det=7).eval()
