@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import mlflow
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
@@ -126,6 +127,9 @@ class MlflowCheckpoints(Callback):
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero or not source or not Path(source).is_file():
             return
+        if Path(source).name == name:  # already named as in the store: one copy, not two
+            logger.experiment.log_artifact(logger.run_id, str(source), tracking.CHECKPOINT_DIR)
+            return
         with tempfile.TemporaryDirectory() as tmp:
             dst = Path(tmp) / name
             shutil.copyfile(source, dst)
@@ -155,6 +159,7 @@ class MlflowCheckpoints(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             for path in pl_module.export_files(best, Path(tmp)):
                 client.log_artifact(run_id, str(path), tracking.EXPORT_DIR)
+        mlflow.flush_async_logging()  # metrics queued by `logger.synchronous=false`
         keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train/")]
         history = {
             k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys

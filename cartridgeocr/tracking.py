@@ -182,6 +182,9 @@ def create_logger(
         artifact_location=default_artifact_location(uri, cfg.logger.get("artifact_location")),
         run_id=run_id,
         log_model=False,
+        # False: metrics are queued and written by MLflow's background thread, so a training step
+        # never waits on the store; the queue is drained before the run ends.
+        synchronous=cfg.logger.get("synchronous", True),
     )
 
 

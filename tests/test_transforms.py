@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from cartridgeocr.data.transforms import (
     DEFAULTS,
     apply_transforms,
+    boxes_move_exactly,
     build_transforms,
     masks_to_boxes,
 )
@@ -101,6 +102,30 @@ def test_validation_is_resize_and_top_left_pad_only() -> None:
     # A single scale of 0.5; boxes are the extents of the mask pixels (centres at integers).
     np.testing.assert_allclose(boxes[0], [19.5, 9.5, 59.5, 29.5])
     assert masks[0].sum() == 40 * 20 and labels.tolist() == [1]
+
+
+def test_labelled_boxes_stay_exact_without_rotation() -> None:
+    """Resize, pad and flips move the labelled box exactly, sub-pixel; masks rasterised from a
+    small polygon would round it to whole pixels (a 10 px primer loses up to 0.4 of its IoU)."""
+    image = np.zeros((80, 160, 3), np.uint8)
+    mask = np.zeros((80, 160), np.uint8)
+    mask[20:31, 40:51] = 1  # the rasterised disc: whole pixels
+    box = [40.3, 20.6, 50.7, 30.2]
+    cases = [  # (augment config, training pipeline, flipped, shift down by the centring pad)
+        (_preset("strong"), False, False, 0),
+        (_preset("none"), True, False, 0),
+        ({"hflip_p": 1.0}, True, True, 20),
+    ]
+    for cfg, train, flipped, dy in cases:
+        tf = build_transforms(cfg, 80, train=train)
+        assert boxes_move_exactly(tf)
+        _, masks, boxes, _ = apply_transforms(tf, image, [mask], [box], [2])
+        expected = np.array(box) * 0.5 + [0, dy, 0, dy]
+        if flipped:  # about the vertical centre line of the 80 px output
+            expected[[0, 2]] = 80 - expected[[2, 0]]
+        np.testing.assert_allclose(boxes[0], expected, rtol=1e-5)
+        assert masks[0].any()
+    assert not boxes_move_exactly(build_transforms(_preset("strong"), 80, train=True))
 
 
 def test_90_degree_rotation_moves_masks_and_boxes_together() -> None:
