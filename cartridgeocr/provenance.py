@@ -86,6 +86,10 @@ def package_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    # The build matters too (2.14.1+cu130 and 2.14.1+cpu compute differently), and CUDA's.
+    versions["torch"] = str(torch.__version__)
+    if torch.version.cuda:
+        versions["cuda"] = str(torch.version.cuda)
     return versions
 
 

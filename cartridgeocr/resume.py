@@ -94,17 +94,41 @@ def _all_ranks(obj: Any) -> list[Any]:
     return [obj]
 
 
+def loader_workers(state: dict[str, Any]) -> int:
+    """Worker count a `StatefulDataLoader` state was saved with (its layout depends on it)."""
+    snapshot = state.get("_snapshot")
+    return int(snapshot["_main_snapshot"]["_num_workers"]) if snapshot else 0
+
+
+def _find_sampler_state(state: Any) -> dict[str, Any] | None:
+    """The `SeededSampler` state inside a `StatefulDataLoader` state, whatever its layout."""
+    if isinstance(state, dict):
+        if {"seed", "epoch", "yielded"} <= set(state):
+            return state
+        for value in state.values():
+            found = _find_sampler_state(value)
+            if found is not None:
+                return found
+    return None
+
+
 class ExactResume(Callback):
-    """Saves every process's RNG state with each checkpoint and puts it back on resume.
+    """Saves every process's RNG state with each checkpoint and puts it back on resume, and makes
+    sure the training loader continues from its saved position.
 
     Always installed by `train()` (it is not a config entry: every checkpoint must be resumable).
-    It also loads the training loader's saved position where Lightning skips it: when
-    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our schedulers do),
-    Lightning builds the train loader before restoring the checkpoint and then never gives it its
-    saved state (Lightning issue #20550), so a mid-epoch resume would restart the epoch."""
+    Two things Lightning alone does not do:
+    - when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our schedulers
+      do), Lightning builds the train loader before restoring the checkpoint and then never gives
+      it its saved state (Lightning issue #20550), so a mid-epoch resume would restart the epoch;
+    - a loader state saved with N data-loader workers cannot be loaded into a loader with another
+      number (torchdata's layout differs). Then the `SeededSampler` is put at the saved position
+      directly (seed, epoch and the batches already trained); as augmentation is seeded per
+      image, the resume stays exact."""
 
     def __init__(self) -> None:
         self._pending_rng: list[dict[str, Any]] | None = None
+        self._reposition: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while a checkpoint is built (rank 0 writes it).
@@ -113,14 +137,45 @@ class ExactResume(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict.get("rng")
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        states = fit.get("state_dict", {}).get("combined_loader")
+        workers = getattr(trainer.datamodule, "num_workers", None)
+        if not states or workers is None or loader_workers(states[0]) == int(workers):
+            return
+        sampler = _find_sampler_state(states[0])
+        consumed = fit.get("epoch_loop.batch_progress", {}).get("current", {}).get("processed")
+        del fit["state_dict"]["combined_loader"]  # Lightning would fail to load it
+        if sampler is not None and consumed is not None:
+            self._reposition = {"sampler": dict(sampler), "batches": int(consumed)}
+        log.info(
+            "data.num_workers is %s, the checkpoint's loader had %d: continuing from its "
+            "position in the sampler instead",
+            workers,
+            loader_workers(states[0]),
+        )
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fit_loop = trainer.fit_loop
-        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
         loader = getattr(fit_loop, "_combined_loader", None)
-        if pending and loader is not None and fit_loop._data_fetcher is not None:
+        if loader is None or fit_loop._data_fetcher is None:
+            return
+        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+        if pending:
             loader._load_state_dicts(pending)
             fit_loop._combined_loader_states_to_load = []
             iter(fit_loop._data_fetcher)  # a new iterator, from the restored position
+        elif self._reposition is not None:
+            self._put_sampler_back(loader.flattened, **self._reposition)
+            iter(fit_loop._data_fetcher)
+        self._reposition = None
+
+    @staticmethod
+    def _put_sampler_back(loaders: list[Any], sampler: dict[str, Any], batches: int) -> None:
+        for dl in loaders:
+            seeded = getattr(dl, "sampler", None)
+            if hasattr(seeded, "load_state_dict") and hasattr(seeded, "sample_seed"):
+                seeded.load_state_dict({**sampler, "yielded": batches * int(dl.batch_size)})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending_rng is None:

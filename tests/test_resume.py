@@ -49,6 +49,14 @@ def test_sampler_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
     assert first + list(c) == list(a)
 
 
+def test_sampler_shards_an_epoch_across_ddp_processes_with_the_same_augmentation():
+    whole = dict(SeededSampler(10, seed=3))
+    shards = [list(SeededSampler(10, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]  # padded to a multiple, as DistributedSampler
+    assert {i for s in shards for i, _ in s} == set(range(10))
+    assert all(whole[i] == seed for s in shards for i, seed in s)  # an image's seed is its own
+
+
 def test_augmentation_does_not_depend_on_workers_or_order(tmp_path):
     """Each image's augmentation is fixed by (seed, epoch, image), not by which worker decodes it."""
     ann, images = write_tiny_coco(tmp_path / "data", num_images=6)
@@ -94,13 +102,29 @@ class Numbers(Dataset):
         return torch.tensor([float(index)]), seed
 
 
+class NumbersData(L.LightningDataModule):
+    def __init__(self, num_workers: int) -> None:
+        super().__init__()
+        self.num_workers = num_workers
+
+    def train_dataloader(self):
+        return StatefulDataLoader(
+            Numbers(),
+            batch_size=2,
+            sampler=SeededSampler(12, 0),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(0),
+            drop_last=True,
+        )
+
+
 class Drawing(L.LightningModule):
     """Records, per step, the batch and a draw from Python's, NumPy's and torch's RNGs."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)
-        self.workers = workers
         self.seen: list[tuple] = []
 
     def training_step(self, batch, batch_idx):
@@ -112,17 +136,6 @@ class Drawing(L.LightningModule):
     def configure_optimizers(self):
         _ = self.trainer.estimated_stepping_batches  # as our schedulers do (Lightning #20550)
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return StatefulDataLoader(
-            Numbers(),
-            batch_size=2,
-            sampler=SeededSampler(12, 0),
-            num_workers=self.workers,
-            persistent_workers=self.workers > 0,
-            generator=torch.Generator().manual_seed(0),
-            drop_last=True,
-        )
 
 
 class StopAt(L.Callback):
@@ -139,7 +152,7 @@ class StopAt(L.Callback):
 
 def _fit(folder: Path, workers: int, every: int | None, stop=None, ckpt=None) -> list[tuple]:
     L.seed_everything(0)
-    model = Drawing(workers)
+    model = Drawing()
     callbacks = [LastCheckpoint(dirpath=str(folder), every_n_train_steps=every), ExactResume()]
     trainer = L.Trainer(
         max_epochs=3,
@@ -149,23 +162,24 @@ def _fit(folder: Path, workers: int, every: int | None, stop=None, ckpt=None) ->
         callbacks=callbacks + ([stop] if stop else []),
     )
     try:
-        trainer.fit(model, ckpt_path=ckpt)
+        trainer.fit(model, datamodule=NumbersData(workers), ckpt_path=ckpt)
     except (RuntimeError, SystemExit):
         assert stop is not None
     return model.seen
 
 
 @pytest.mark.parametrize(
-    ("workers", "every", "stop_step", "how"),
+    ("workers", "every", "stop_step", "how", "workers_after"),
     [
-        (0, 4, 6, "crash"),  # last save mid-epoch 0 (step 4 of 6)
-        (0, 4, 9, "sigterm"),  # SIGTERM mid-epoch 1: saved at that very step
-        (0, None, 8, "crash"),  # only epoch-end saves: resume at an epoch boundary
-        (2, 5, 11, "sigterm"),  # data-loader workers
+        (0, 4, 6, "crash", 0),  # last save mid-epoch 0 (step 4 of 6)
+        (0, 4, 9, "sigterm", 0),  # SIGTERM mid-epoch 1: saved at that very step
+        (0, None, 8, "crash", 0),  # only epoch-end saves: resume at an epoch boundary
+        (2, 5, 11, "sigterm", 2),  # data-loader workers
+        (2, 4, 9, "sigterm", 0),  # resumed with another number of workers
     ],
 )
 def test_stopped_and_resumed_fit_sees_the_same_batches_and_random_numbers(
-    tmp_path, workers, every, stop_step, how
+    tmp_path, workers, every, stop_step, how, workers_after
 ):
     uninterrupted = _fit(tmp_path / "a", workers, every)
     first = _fit(tmp_path / "b", workers, every, stop=StopAt(stop_step, how))
@@ -175,38 +189,13 @@ def test_stopped_and_resumed_fit_sees_the_same_batches_and_random_numbers(
     if how == "sigterm":
         assert step == stop_step
     assert not list(tmp_path.glob("b/*.partial"))
-    second = _fit(tmp_path / "c", workers, every, ckpt=str(last))
+    second = _fit(tmp_path / "c", workers_after, every, ckpt=str(last))
     resumed = [s for s in first if s[0] < step] + second
     assert [s[0] for s in resumed] == list(range(18))
     assert resumed == uninterrupted
 
 
 # ---- the whole pipeline: YOLO + MLflow, killed mid-epoch, resumed by run id ---------------------
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted run; the killed/resumed runs and reproductions are compared with it."""
-    root = tmp_path_factory.mktemp("exact")
-    ann, images = write_tiny_coco(root / "data", num_images=10)
-    overrides = tiny_train_overrides(
-        ann,
-        images,
-        [
-            "model=yolo",
-            "optim=yolo_sgd",
-            "data.image_size=64",
-            "data.val_fraction=0.2",
-            "augment=strong",
-            "trainer.max_epochs=2",
-            "trainer.limit_train_batches=1.0",
-            "trainer.deterministic=true",
-            "callbacks.last_checkpoint.every_n_train_steps=3",
-        ],
-    )
-    _, objects = train(compose(overrides, root_dir=root, output_dir=root / "reference"), overrides)
-    assert objects["trainer"].global_step == 8  # 4 steps per epoch, 2 epochs
-    return {"root": root, "overrides": overrides, "run_id": objects["run_id"]}
-
-
 def _client(root: Path) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
 
@@ -225,54 +214,52 @@ def _killed_run(reference, name: str, step: int, sig: str) -> tuple[subprocess.P
     return subprocess.Popen([*cmd, *reference["overrides"]], env=env, stderr=subprocess.PIPE), out
 
 
-def test_sigkilled_mid_epoch_then_resumed_equals_the_uninterrupted_run(reference):
-    root, client = reference["root"], _client(reference["root"])
+def test_runs_killed_mid_epoch_resume_exactly_and_harm_no_other_run(deterministic_run):
+    """Two copies of the reference run, at once, on the same store: one SIGKILLed when 7 of its
+    8 steps are done (its last save is step 6, mid-epoch 1; step 7 was logged after it), one
+    stopped by SIGTERM at the end of step 7. Each is resumed with the installed command, from a
+    folder that is not the repository, and ends with the reference run's metrics at every step."""
+    reference, root = deterministic_run, deterministic_run["root"]
+    client = _client(root)
     before = histories(client, reference["run_id"])
-    # Killed with SIGKILL when 7 of 8 steps are done: last.ckpt holds step 6 (mid-epoch 1), and
-    # step 7 was logged after it.
-    proc, out = _killed_run(reference, "killed", 7, "KILL")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
-    run_id = (out / tracking.RUN_ID_FILE).read_text().strip()
-    assert client.get_run(run_id).info.status == "RUNNING"  # nobody marked it: it was killed
-    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
-    assert max(s for s, _ in histories(client, run_id)["train/loss"]) == 6  # step 7 (0-based 6)
+    killed, killed_out = _killed_run(reference, "killed", 7, "KILL")
+    stopped, stopped_out = _killed_run(reference, "stopped", 7, "TERM")
+    _, killed_err = killed.communicate(timeout=600)
+    _, stopped_err = stopped.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed_err.decode()[-3000:]
+    assert stopped.returncode == 143, stopped_err.decode()[-3000:]
 
-    # The installed command, from a folder that is not the repository: continue the same run.
-    res = run_script("cartridgeocr-train", f"resume={run_id}", cwd=root, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags[tracking.OUTPUT_DIR_TAG] != str(out)  # the resume's own folder
-    assert run.data.tags["resumed_at_steps"] == "6"
-    resumed, uninterrupted = histories(client, run_id), histories(client, reference["run_id"])
-    for key, points in resumed.items():  # no step logged twice, the step axis continues
-        if key != "epoch":  # Lightning logs `epoch` with the last step's and validation's metrics
-            assert len({s for s, _ in points}) == len(points), key
-    assert resumed == uninterrupted
-    assert run.data.metrics == client.get_run(reference["run_id"]).data.metrics
-    assert histories(client, reference["run_id"]) == before  # the other run lost nothing
+    killed_id = (killed_out / tracking.RUN_ID_FILE).read_text().strip()
+    assert client.get_run(killed_id).info.status == "RUNNING"  # nobody could mark it
+    last = killed_out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert not list(killed_out.glob("checkpoints/*.partial"))
+    assert max(s for s, _ in histories(client, killed_id)["train/loss"]) == 6  # 7th step logged
 
+    stopped_id = (stopped_out / tracking.RUN_ID_FILE).read_text().strip()
+    run = client.get_run(stopped_id)
+    assert run.info.status == "KILLED" and f"resume={stopped_id}" in run.data.tags["stopped"]
+    assert (
+        torch.load(stopped_out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    )
+    copy = client.download_artifacts(stopped_id, "checkpoints/last.ckpt", str(root / "copy"))
+    assert torch.load(copy, weights_only=True)["global_step"] == 7  # MLflow has the SIGTERM save
 
-def test_sigterm_saves_last_ckpt_marks_the_run_killed_and_resumes_exactly(reference):
-    root, client = reference["root"], _client(reference["root"])
-    proc, out = _killed_run(reference, "terminated", 5, "TERM")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 143, err.decode()[-3000:]
-    run_id = (out / tracking.RUN_ID_FILE).read_text().strip()
-    run = client.get_run(run_id)
-    assert run.info.status == "KILLED"
-    assert f"resume={run_id}" in run.data.tags["stopped"]
-    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
-    # The MLflow copy is the SIGTERM save too, so the run resumes from MLflow alone.
-    copy = client.download_artifacts(run_id, "checkpoints/last.ckpt", str(out / "copy"))
-    assert torch.load(copy, weights_only=True)["global_step"] == 5
-
-    res = run_script("cartridgeocr-train", f"resume={out}", cwd=root, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and "stopped" not in run.data.tags
-    assert histories(client, run_id) == histories(client, reference["run_id"])
+    for target in (killed_id, str(stopped_out)):  # by run id, and by output folder
+        res = run_script("cartridgeocr-train", f"resume={target}", cwd=root, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    uninterrupted = histories(client, reference["run_id"])
+    assert uninterrupted == before  # the run beside them lost nothing
+    for run_id, resumed_at in ((killed_id, "6"), (stopped_id, "7")):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and "stopped" not in run.data.tags
+        assert run.data.tags["resumed_at_steps"] == resumed_at
+        resumed = histories(client, run_id)
+        for key, points in resumed.items():  # no step logged twice: the step axis continues
+            if key != "epoch":  # Lightning logs `epoch` with a step's and a validation's metrics
+                assert len({s for s, _ in points}) == len(points), key
+        assert resumed == uninterrupted
+        assert run.data.metrics == client.get_run(reference["run_id"]).data.metrics
 
 
 def test_resume_from_a_truncated_checkpoint_is_one_line(tmp_path):

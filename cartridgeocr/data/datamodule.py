@@ -185,7 +185,7 @@ class DetectionDataModule(L.LightningDataModule):
         return cls(
             dataset,
             batch_size=self.batch_size,
-            sampler=SeededSampler(len(dataset), self.run_seed) if shuffle else None,
+            sampler=SeededSampler(len(dataset), self.run_seed, **_replicas()) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
@@ -205,6 +205,14 @@ class DetectionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+
+def _replicas() -> dict[str, int]:
+    """This process's place among DDP processes (the training sampler shards itself)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return {"num_replicas": dist.get_world_size(), "rank": dist.get_rank()}
+    return {}
 
 
 class SyntheticDataModule(DetectionDataModule):
