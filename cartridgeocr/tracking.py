@@ -253,6 +253,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], backend: str) -> dict[str, s
         "mlflow.source.git.commit": commit,
         "overrides": " ".join(overrides) or "(none)",
         **({"pretrained_from": str(cfg.pretrained_from)} if cfg.get("pretrained_from") else {}),
+        **({"reproduces": str(cfg.reproduces)} if cfg.get("reproduces") else {}),
     }
 
 
