@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (it adds a console handler on import: replaced below)
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape

@@ -9,6 +9,7 @@ and ``orig_size`` (original width, height).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -182,19 +183,22 @@ class DetectionDataModule(L.LightningDataModule):
         """Training: a `StatefulDataLoader` over a `SeededSampler`, whose position Lightning saves
         in every checkpoint, so a run resumed mid-epoch continues with the same batches."""
         cls = StatefulDataLoader if shuffle else DataLoader
-        return cls(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=SeededSampler(len(dataset), self.run_seed, **_replicas()) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-            # Worker seeds come from this generator, not from the global one training draws from.
-            generator=torch.Generator().manual_seed(self.seed),
-            # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
-            drop_last=shuffle and len(dataset) > self.batch_size,
-            pin_memory=torch.cuda.is_available(),
-        )
+        sampler = SeededSampler(len(dataset), self.run_seed, **_replicas()) if shuffle else None
+        with warnings.catch_warnings():  # torchdata 0.11 calls an API torch 2.14 deprecates
+            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+            return cls(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+                persistent_workers=self.num_workers > 0,
+                # Worker seeds come from this generator, not from the global one training draws from.
+                generator=torch.Generator().manual_seed(self.seed),
+                # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
+                drop_last=shuffle and len(dataset) > self.batch_size,
+                pin_memory=torch.cuda.is_available(),
+            )
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_set:
