@@ -143,7 +143,9 @@ class Provenance(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         metrics = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel()
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if torch.as_tensor(v).numel() == 1
         }
         stage = str(trainer.state.stage.value if trainer.state.stage else "")
         self.saved_metrics[(trainer.global_step, stage)] = metrics

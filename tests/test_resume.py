@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_train_overrides, write_tiny_coco
-from test_cli import run_script
+from test_cli import error_lines, run_script
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -275,3 +275,10 @@ def test_resume_from_a_truncated_checkpoint_is_one_line(tmp_path):
         train(compose(overrides, root_dir=tmp_path, output_dir=tmp_path / "new"))
     assert "last.ckpt: not a whole Lightning checkpoint" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_resume_of_an_unknown_run_is_one_line(tmp_path):
+    res = run_script("cartridgeocr-train", "resume=0123456789abcdef", cwd=tmp_path)
+    assert res.returncode == 2 and len(error_lines(res.stderr)) == 1, res.stderr
+    assert "resume=0123456789abcdef: no such output folder" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "mlflow.db").exists()
