@@ -85,7 +85,6 @@ def test_reproduce_a_run_id_gives_equal_metrics(deterministic_run):
         "logger.tracking_uri",
         "reproduces",
         "run_name",
-        "summary",
     }, differing
 
 

@@ -207,7 +207,6 @@ def reproduction_config(
         cfg.reproduces = source.run_id
         base = source.run_name or tracking.default_run_name(cfg)
         cfg.run_name = base if base.endswith("-reproduce") else f"{base}-reproduce"
-        cfg.summary = False
         if cfg.get("finetune") is not None:  # reproduce this run only, not a second stage
             cfg.finetune.annotations = None
     return cfg
