@@ -96,6 +96,15 @@ class DetectorModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings: `load_detector` finds the class without unpickling code.
         checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"
+        # Lightning calls callbacks' hooks only for full checkpoints; a weights-only one (best.ckpt)
+        # must describe its run too.
+        from cartridgeocr.provenance import CHECKPOINT_KEY, Provenance
+
+        trainer = self._trainer
+        if trainer is not None and CHECKPOINT_KEY not in checkpoint:
+            for callback in trainer.callbacks:
+                if isinstance(callback, Provenance):
+                    callback.on_save_checkpoint(trainer, self, checkpoint)
 
     def configure_optimizers(self) -> Any:
         return build_optimizer(
