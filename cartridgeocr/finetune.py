@@ -223,7 +223,7 @@ def fold_config(stage2: DictConfig, fold: int, folds: int, parent_run: str | Non
         cfg.callbacks.metric_history = {"_target_": "cartridgeocr.callbacks.MetricHistory"}
         if cfg.callbacks.get("mlflow_artifacts"):
             # A fold is not resumed on its own: its checkpoints are uploaded once, at its end.
-            cfg.callbacks.mlflow_artifacts.every_epoch = False
+            cfg.callbacks.mlflow_artifacts.upload_last = False
     return cfg
 
 
@@ -240,8 +240,7 @@ def final_config(stage2: DictConfig, epochs: int) -> DictConfig:
         callbacks = cfg.callbacks
         if callbacks.get("model_checkpoint"):
             callbacks.model_checkpoint.monitor, callbacks.model_checkpoint.mode = "step", "max"
-        if callbacks.get("last_checkpoint") and not cfg.data.get("val_annotations"):
-            callbacks.last_checkpoint.save_on_train_epoch_end = True  # no validation to wait for
+        # last_checkpoint (resume.LastCheckpoint) also saves epochs that have no validation.
         callbacks.pop("early_stopping", None)
         callbacks.stop_after = {
             "_target_": "cartridgeocr.callbacks.StopAfterEpochs",
