@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import traceback
 from pathlib import Path
 
 import hydra
@@ -117,11 +119,15 @@ def _main(cfg: DictConfig) -> float | None:
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # A sweep job's error must reach the sweeper (which records it and runs the other jobs),
-        # so it is logged as one line and raised, not turned into an exit.
+        # so it is logged as one line (the traceback goes to the job's folder) and raised.
         try:
             return go()
         except Exception as exc:
             logging.getLogger("cartridgeocr.train").error("error: %s", one_line(exc))
+            with contextlib.suppress(OSError):
+                out = Path(cfg.paths.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "traceback.txt").write_text(traceback.format_exc())
             raise
     return run_guarded(go)
 

@@ -99,6 +99,18 @@ def check_loader_args(
         raise ConfigError(f"data.val_fraction={val_fraction}: must be a number in [0, 1]")
 
 
+def worker_start_method(num_workers: int) -> str | None:
+    """How data-loader workers start: Python's default, except inside a process that changed it
+    to one the DataLoader cannot use (a joblib/loky worker of `hydra/launcher=joblib` sets
+    ``loky``); there, the platform's own default."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method(allow_none=True)
+    if num_workers == 0 or method is None or method in multiprocessing.get_all_start_methods():
+        return None
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 class DetectionDataModule(L.LightningDataModule):
     """COCO instance file + image folder -> train/val loaders (the split is fixed by ``seed``)."""
 
@@ -177,6 +189,7 @@ class DetectionDataModule(L.LightningDataModule):
             # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
             drop_last=shuffle and len(dataset) > self.batch_size,
             pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=worker_start_method(self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:
