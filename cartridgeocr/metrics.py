@@ -8,6 +8,10 @@ Logged names:
   (-1 when the validation set has no object of that class, as COCO reports it).
 - ``val/segm_map``: mask AP 0.50:0.95, for backends that predict masks.
 - ``val/f1``: F1 of box matches at IoU >= 0.5 among detections scoring >= ``f1_score_threshold``.
+- ``model/params``: the detector's parameter count; ``perf/train_s``: wall-clock seconds of
+  training in one process (a resumed run logs one value per process: their sum is the total);
+  ``perf/infer_ms_per_image``: milliseconds per validation image, batch 1, eval mode, on the
+  training device, timed when training ends (`cartridgeocr.model_stats.ModelStats`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ VAL_MAP = "val/map"
 VAL_MAP_50 = "val/map_50"
 VAL_SEGM_MAP = "val/segm_map"
 VAL_F1 = "val/f1"
+MODEL_PARAMS = "model/params"
+TRAIN_SECONDS = "perf/train_s"
+INFER_MS_PER_IMAGE = "perf/infer_ms_per_image"
 
 
 def train_component(name: str) -> str:

@@ -32,18 +32,22 @@ def train(
     cfg: DictConfig,
     overrides: Sequence[str] = (),
     hydra_cfg: DictConfig | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the configured backend on the configured data. Returns (metrics, objects).
 
     ``overrides`` are the command-line overrides the config was composed from (recorded as the
     run's ``overrides`` tag and ``config/overrides.yaml``); ``hydra_cfg`` is Hydra's own config
-    when called from the CLI (recorded as ``config/hydra.yaml``). Nothing is read from globals.
+    when called from the CLI (recorded as ``config/hydra.yaml``). ``callbacks`` are Lightning
+    callbacks that cannot be config entries because they hold live objects (a search's pruning
+    callback holds its Optuna trial); they run after the configured ones. Nothing is read from
+    globals.
     """
     # mlflow.set_tracking_uri (called inside Lightning's logger) writes $MLFLOW_TRACKING_URI;
     # restore it so a second train() in the same process resolves its own store.
     saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return _train(cfg, list(overrides), hydra_cfg)
+        return _train(cfg, list(overrides), hydra_cfg, list(callbacks))
     finally:
         if saved_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -52,7 +56,10 @@ def train(
 
 
 def _train(
-    cfg: DictConfig, overrides: list[str], hydra_cfg: DictConfig | None
+    cfg: DictConfig,
+    overrides: list[str],
+    hydra_cfg: DictConfig | None,
+    extra_callbacks: list[L.Callback],
 ) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:  # 0 is a seed like any other
         L.seed_everything(int(cfg.seed), workers=True)
@@ -81,7 +88,7 @@ def _train(
         cfg.trainer,
         "trainer",
         logger=logger if logger is not None else False,
-        callbacks=list(callbacks.values()),
+        callbacks=[*callbacks.values(), *extra_callbacks],
         default_root_dir=str(output_dir),
         # Every epoch logs train/loss at least once, however short it is.
         log_every_n_steps=min(int(cfg.trainer.log_every_n_steps), steps_per_epoch(cfg, datamodule)),
