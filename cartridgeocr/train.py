@@ -144,6 +144,13 @@ def check_accelerator(trainer_cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator}: no CUDA GPU is available here; "
             "use trainer=cpu or trainer.accelerator=auto"
         )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if trainer_cfg.get("sync_batchnorm") and on_cpu:
+        # torch's SyncBatchNorm only runs on GPUs; on the CPU it fails in the first step.
+        raise ConfigError(
+            "trainer.sync_batchnorm=true: SyncBatchNorm needs GPUs; for DDP on CPU processes "
+            "(gloo) add trainer.sync_batchnorm=false"
+        )
 
 
 def build_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
