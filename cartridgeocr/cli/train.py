@@ -133,8 +133,13 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    import sys
+
+    from cartridgeocr.experiments.sweep import sweep_arguments
+
     setup_environment()
     check_overrides("train")
+    sys.argv[1:] = sweep_arguments(sys.argv[1:])
     _main()
 
 

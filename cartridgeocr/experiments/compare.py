@@ -284,13 +284,16 @@ def compare(client: Any, target: str, uri: str) -> Comparison:
 
 
 def _differing_overrides(representatives: Sequence[RunStats]) -> list[str]:
-    """Override keys whose value is not the same for every configuration."""
+    """Override keys set to different values in different configurations (a key that only
+    some configurations set, all to one value, is a detail of their model: not a column)."""
     keys: list[str] = []
     for s in representatives:
         for key in s.overrides:
             if key not in keys and not key.startswith("sweep.") and key not in SHOWN_ELSEWHERE:
                 keys.append(key)
-    return [k for k in keys if len({s.overrides.get(k, "-") for s in representatives}) > 1]
+    return [
+        k for k in keys if len({s.overrides[k] for s in representatives if k in s.overrides}) > 1
+    ]
 
 
 def _short(value: str) -> str:

@@ -143,6 +143,47 @@ def plan_grid(
     return GridPlan(jobs=unique, combinations=len(combinations), ignored=ignored)
 
 
+def sweep_arguments(argv: Sequence[str]) -> list[str]:
+    """The command line of a ``--multirun`` with every fixed override that only some models
+    take (``model/backbone=resnet18``, ``model.anchor_sizes=[...]``) written as a one-value
+    sweep (``choice(...)``).
+
+    Hydra composes a sweep's own config from its fixed overrides before any job: with the
+    default model (YOLO), a backbone override would stop the whole sweep there. As a one-value
+    sweep it goes to each job instead, where `plan_grid` drops it from the jobs that ignore it.
+    Anything else is returned as it is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from cartridgeocr.experiments.compose import compose
+
+    args = list(argv)
+    if not any(a in ("-m", "--multirun") for a in args):
+        return args
+    parser = OverridesParser.create()
+    for _ in range(len(args)):
+        fixed = []
+        for a in args:
+            if a.startswith("-") or a.startswith("hydra"):
+                continue
+            try:
+                if not parser.parse_override(a).is_sweep_override():
+                    fixed.append(a)
+            except HydraException:
+                return args  # Hydra reports the syntax error itself
+        try:
+            compose(fixed)
+            return args
+        except HydraException as exc:
+            key = _failed_key(exc)
+            culprit = next((a for a in fixed if key and _override_key(a) == key), None)
+            if culprit is None or culprit.startswith("~"):
+                return args
+            name, _, value = culprit.partition("=")
+            args[args.index(culprit)] = f"{name}=choice({value})"
+    return args
+
+
 def sweep_axes(combinations: Sequence[Sequence[str]]) -> list[str]:
     """The keys whose value changes from job to job (``model``, ``seed``, ...)."""
     values: dict[str, set[str]] = {}
