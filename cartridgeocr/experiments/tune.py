@@ -708,11 +708,13 @@ def run_trial(
         with _Heartbeat(study._storage, trial._trial_id):
             metrics, objects = train(trial_cfg, overrides, callbacks=[pruning])
     except optuna.TrialPruned as exc:
+        _remember_run(trial)
         study.tell(trial, state=TrialState.PRUNED)
         _close_run(client, study.trials[trial.number], "KILLED", "PRUNED")
         log.info("search %s: trial %d pruned (%s)", study_name, trial.number, exc)
         return TrialState.PRUNED
     except (KeyboardInterrupt, SystemExit):
+        _remember_run(trial)
         study.tell(trial, state=TrialState.FAIL)
         requeue(study, trial.number, int(search.max_retries))
         _close_run(client, study.trials[trial.number], "KILLED", "FAIL", "interrupted")
@@ -720,6 +722,7 @@ def run_trial(
     except Exception as exc:
         from cartridgeocr.cli.common import one_line
 
+        _remember_run(trial)
         study.tell(trial, state=TrialState.FAIL)
         frozen = study.trials[trial.number]
         error = f"{type(exc).__name__}: {one_line(exc)}"[:4000]
@@ -760,6 +763,13 @@ def run_trial(
         time.perf_counter() - tic,
     )
     return TrialState.COMPLETE
+
+
+def _remember_run(trial: Any) -> None:
+    """Record the trial's MLflow run id while the trial can still take attributes."""
+    run_id = _trial_run_id(trial)
+    if run_id:
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
 
 
 def _short(value: Any) -> str:
