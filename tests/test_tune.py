@@ -82,7 +82,7 @@ def test_a_killed_search_started_again_ends_with_exactly_n_trials(tmp_path: Path
 
     res = run_script("cartridgeocr-tune", *args, "search.workers=2", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "left RUNNING by a worker that died: marked FAILED" in res.stderr
+    assert "left RUNNING by a worker that died: marked FAILED" in " ".join(res.stderr.split())
 
     trials = _study(journal).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -114,6 +114,8 @@ def test_a_killed_search_started_again_ends_with_exactly_n_trials(tmp_path: Path
     assert cfg.augment.rotate_limit == best.params["augment.rotate_limit"]
     assert cfg.optim.scheduler.warmup_steps == best.params["optim.scheduler.warmup_steps"]
     assert cfg.data.image_size == 64 and cfg.model.arch == "yolov8n"
+    assert cfg.trainer.limit_train_batches == 1 and isinstance(cfg.trainer.limit_train_batches, int)
+    assert "cartridgeocr-train experiment=best_tiny" in best_path.read_text()
 
 
 def test_a_space_naming_a_missing_key_is_refused_before_any_trial(tmp_path: Path) -> None:
@@ -147,11 +149,7 @@ def test_a_pruned_trial_ends_its_run_killed_not_failed(tmp_path: Path) -> None:
     (trial,) = _study(tmp_path / "optuna.journal").trials
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(
-        trial.user_attrs["mlflow_run_id"]
-        if "mlflow_run_id" in trial.user_attrs
-        else (Path(trial.user_attrs["output_dir"]) / "mlflow_run_id.txt").read_text().strip()
-    )
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "PRUNED"
     assert "error" not in run.data.tags
     assert len(client.get_metric_history(run.info.run_id, "val/map_50")) == 1  # one epoch

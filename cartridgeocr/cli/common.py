@@ -30,7 +30,12 @@ def configure_console_logging(level: int = logging.INFO) -> None:
     from rich.logging import RichHandler
 
     root = logging.getLogger()
-    root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False)]
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
+    else:  # a pipe or a file: one unwrapped line per message
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
     root.setLevel(level)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)

@@ -798,7 +798,7 @@ def _finish(
         )
         if not path.is_absolute():
             path = Path(cfg.paths.root_dir) / path
-        text = best_experiment_yaml(study, best, cfg, overrides)
+        text = best_experiment_yaml(study, best, cfg, overrides, name=path.stem)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         metric = str(cfg.optimized_metric)
@@ -831,7 +831,9 @@ def _finish(
 _RUN_KEYS = ("paths", "sweep", "search", "optimized_metric", "run_name", "resume")
 
 
-def best_experiment_yaml(study: Any, best: Any, cfg: DictConfig, overrides: list[str]) -> str:
+def best_experiment_yaml(
+    study: Any, best: Any, cfg: DictConfig, overrides: list[str], name: str | None = None
+) -> str:
     """The best trial as an experiment config: its config-group choices as ``override``
     entries, and every value that differs from what those choices give by default."""
     import yaml
@@ -858,7 +860,7 @@ def best_experiment_yaml(study: Any, best: Any, cfg: DictConfig, overrides: list
         plain_cfg.pop(key, None)
     body = _diff(trial_cfg, plain_cfg)
     metric = str(cfg.optimized_metric)
-    name = f"best_{study.study_name}"
+    name = name or f"best_{study.study_name}"
     header = [
         "# @package _global_",
         f"# Best trial of the search {study.study_name!r}: trial {best.number}, "
@@ -888,7 +890,7 @@ def _diff(trial: dict, plain: dict) -> dict:
             sub = _diff(mine, theirs)
             if sub:
                 out[key] = sub
-        elif mine != theirs:
+        elif mine != theirs or type(mine) is not type(theirs):  # 1 batch is not 1.0 (all)
             out[key] = mine
     return out
 
