@@ -10,10 +10,14 @@ from torch import Tensor
 
 @dataclass
 class Detections:
-    """Detections for one image, in the pixel frame of the image the model was given.
+    """Detections for one image, in the pixel frame of the image the model was given (or, from
+    `cartridgeocr.predictor.Predictor`, of the original photo).
 
     boxes: (N, 4) float xyxy; scores: (N,) float; labels: (N,) int64 category ids
-    (see `cartridgeocr.categories`); masks: optional (N, H, W) float in [0, 1] or bool.
+    (see `cartridgeocr.categories`); masks: optional (N, h, w) float in [0, 1] or bool. Masks
+    always cover the whole image frame but may be at a lower resolution than the boxes' frame
+    (the Predictor keeps them at the detector's resolution rather than blowing them up to a
+    12 MP photo); `masks_at` resizes them. See `cartridgeocr.geometry` for the pixel convention.
     """
 
     boxes: Tensor
@@ -51,6 +55,16 @@ class Detections:
         if self.masks is None:
             return None
         return self.masks if self.masks.dtype == torch.bool else self.masks > threshold
+
+    def masks_at(self, height: int, width: int) -> Tensor | None:
+        """Binary masks resized (nearest) to ``height`` x ``width``, or None without masks."""
+        masks = self.binary_masks()
+        if masks is None or tuple(masks.shape[-2:]) == (height, width) or not len(masks):
+            return None if masks is None else masks.reshape(len(masks), height, width)
+        resized = torch.nn.functional.interpolate(
+            masks[None].float(), size=(height, width), mode="nearest-exact"
+        )
+        return resized[0] > 0.5
 
     def scaled(self, scale: float) -> Detections:
         """Boxes divided by `scale`: maps detections on a resized image back to the original."""

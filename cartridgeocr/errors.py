@@ -18,12 +18,14 @@ class NonFiniteLossError(RuntimeError):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user as it stands."""
     from cartridgeocr.data.images import DatasetError
+    from cartridgeocr.reading.ocr.base import OcrUnavailable
 
     errors: list[type[BaseException]] = [
         DatasetError,
         ConfigError,
         TrackingStoreError,
         NonFiniteLossError,
+        OcrUnavailable,
     ]
     try:
         from cartridgeocr.data.synthetic import SynthError

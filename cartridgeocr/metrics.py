@@ -12,6 +12,18 @@ Logged names:
   training in one process (a resumed run logs one value per process: their sum is the total);
   ``perf/infer_ms_per_image``: milliseconds per validation image, batch 1, eval mode, on the
   training device, timed when training ends (`cartridgeocr.model_stats.ModelStats`).
+
+Reading (``cartridgeocr-eval``), per true casing with text, summed over the dataset:
+- ``read/token_recall``: true tokens found / true tokens (normalised: upper case, dots dropped);
+- ``read/token_precision``: tokens found / tokens read, on casings that were detected;
+- ``read/exact_match``: share of casings whose tokens are exactly the true ones (as multisets);
+- ``read/cer``: mean character error rate, at the best cyclic rotation and direction;
+- ``read/pairing_accuracy``: share of detected true casings whose primer is the true one;
+- ``read_gt/*``: the same reading metrics with OCR run on the ground-truth ellipses, which
+  separates reading errors from detection errors;
+- ``read_illegible/*``, ``read_gt_illegible/*``: the same on casings labelled
+  ``headstamp_legible: false``, kept apart from the headline numbers;
+- ``read/casings``, ``read_illegible/casings``: how many casings each set holds.
 """
 
 from __future__ import annotations
@@ -38,6 +50,19 @@ VAL_F1 = "val/f1"
 MODEL_PARAMS = "model/params"
 TRAIN_SECONDS = "perf/train_s"
 INFER_MS_PER_IMAGE = "perf/infer_ms_per_image"
+
+
+READ_PAIRING_ACCURACY = "read/pairing_accuracy"
+#: Reading measures, each logged under every prefix of READING_PREFIXES.
+READING_MEASURES = ("token_recall", "token_precision", "exact_match", "cer", "casings")
+
+
+def reading_metric(measure: str, ground_truth_geometry: bool = False, legible: bool = True) -> str:
+    """e.g. ``read/token_recall``, ``read_gt/cer``, ``read_illegible/token_recall``."""
+    if measure not in READING_MEASURES:
+        raise ValueError(f"unknown reading measure {measure!r}")
+    prefix = "read_gt" if ground_truth_geometry else "read"
+    return f"{prefix}{'' if legible else '_illegible'}/{measure}"
 
 
 def train_component(name: str) -> str:

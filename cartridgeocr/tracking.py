@@ -8,6 +8,8 @@ Artifact layout of a run::
     overlays/epoch_NNN/*.png     predicted (solid) vs true (dashed) boxes and masks
     plots/loss.png               training loss curves
     export/*                     backend-specific exports (YOLO: best.pt loadable by ultralytics.YOLO)
+    model/                       the headstamp reader as an MLflow pyfunc (mlflow models serve)
+    eval/                        cartridgeocr-eval runs: report.json, reading_table.csv/.html, gallery.png
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import os
 import re
 import sqlite3
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Param
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
@@ -43,6 +48,13 @@ EXPORT_DIR = "export"
 #: Experiment tag that makes MLflow's UI show this project's runs in its model-training view.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: The served model (MLflow pyfunc) every training run logs, and what `cartridgeocr-eval` logs.
+READER_MODEL = "model"
+EVAL_DIR = "eval"
+EVAL_TABLE = "reading_table.csv"
+EVAL_HTML = "reading_table.html"
+EVAL_GALLERY = "gallery.png"
+EVAL_REPORT = "report.json"
 #: File in the Hydra output folder that names the run's MLflow id.
 RUN_ID_FILE = "mlflow_run_id.txt"
 #: Tags that group a sweep or a search: every job's run carries the sweep's id and its number,
@@ -53,6 +65,12 @@ SWEEP_KIND_TAG = "sweep_kind"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 #: Where `cartridgeocr-compare` puts its table and plot in the parent run.
 COMPARE_DIR = "compare"
+#: Git commit and dirty flag, package versions (see `cartridgeocr.provenance`), and the
+#: uncommitted changes of a dirty tree.
+PROVENANCE_FILE = "provenance.yaml"
+GIT_DIFF_FILE = "git.diff"
+#: Tag naming the run's local output folder (its checkpoints/last.ckpt is the freshest).
+OUTPUT_DIR_TAG = "output_dir"
 
 
 def predictions_name(epoch: int) -> str:
@@ -225,6 +243,37 @@ def create_parent_run(
         exp, run_name=name, tags={"git_commit": commit, "mlflow.source.git.commit": commit, **tags}
     )
     return client, run.info.run_id
+class ResumableMLFlowLogger(MLFlowLogger):
+    """`MLFlowLogger` that, continuing a run, never logs a metric at a step the run has already.
+
+    A killed run logged the steps between its last checkpoint and its death; resumed from that
+    checkpoint, it computes them again. They are dropped here, so every (metric, step) of the
+    run is recorded once and the step axis simply continues."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resuming = kwargs.get("run_id") is not None
+        self._logged_up_to: dict[str, int] | None = None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._resuming:
+            if self._logged_up_to is None:
+                self._logged_up_to = last_logged_steps(self.experiment, self.run_id)
+            at = step or 0
+            metrics = {k: v for k, v in metrics.items() if at > self._logged_up_to.get(k, -1)}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
+
+def last_logged_steps(client: mlflow.MlflowClient, run_id: str) -> dict[str, int]:
+    """{metric: the highest step logged} for a run (MLflow's latest value is the highest step)."""
+    data = client.get_run(run_id).data
+    latest = getattr(data, "_metric_objs", None)
+    if latest is not None:
+        return {m.key: int(m.step) for m in latest}
+    return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in data.metrics}
 
 
 def create_logger(
@@ -232,7 +281,7 @@ def create_logger(
 ) -> MLFlowLogger:
     uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
     prepare_store(uri)
-    return MLFlowLogger(
+    return ResumableMLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.get("run_name") or (None if run_id else default_run_name(cfg)),
         tracking_uri=uri,
@@ -240,6 +289,9 @@ def create_logger(
         artifact_location=default_artifact_location(uri, cfg.logger.get("artifact_location")),
         run_id=run_id,
         log_model=False,
+        # False: metrics are queued and written by MLflow's background thread, so a training step
+        # never waits on the store; the queue is drained before the run ends.
+        synchronous=cfg.logger.get("synchronous", True),
     )
 
 
@@ -270,6 +322,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], backend: str) -> dict[str, s
         "overrides": " ".join(overrides) or "(none)",
         **({"pretrained_from": str(cfg.pretrained_from)} if cfg.get("pretrained_from") else {}),
         **sweep_tags(cfg),
+        **({"reproduces": str(cfg.reproduces)} if cfg.get("reproduces") else {}),
     }
 
 

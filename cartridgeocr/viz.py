@@ -128,3 +128,76 @@ def plot_map_vs_speed(
     fig.savefig(path)
     plt.close(fig)
     return path
+# ---- reading: overlays with the read text, unrolled strips ---------------------------------------
+
+
+def _font(size: int):
+    """DejaVu Sans Bold from matplotlib's own files (no system fonts, nothing downloaded)."""
+    from PIL import ImageFont
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
+    try:
+        return ImageFont.truetype(str(path), size=max(8, int(size)))
+    except OSError:
+        return ImageFont.load_default()
+
+
+def draw_reading(
+    image: np.ndarray, image_scale: float, result, max_side: int = 1600
+) -> Image.Image:
+    """A photo with each cartridge's casing (red) and primer (yellow) ellipses and its text.
+
+    ``result`` is a `cartridgeocr.reading.pipeline.ImageResult`; ``image`` is the photo at
+    ``image_scale`` (original pixels x scale); the picture is at most ``max_side`` wide.
+    """
+    from cartridgeocr.categories import CASING, PRIMER
+    from cartridgeocr.geometry import ellipse_points
+
+    h, w = image.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    canvas = Image.fromarray(image)
+    if f < 1.0:
+        canvas = canvas.resize(
+            (max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS
+        )
+    s = image_scale * f
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(12, canvas.size[0] // 40))
+    line = max(2, canvas.size[0] // 400)
+    for cart, reading in zip(result.cartridges, result.readings, strict=True):
+        parts = [(cart.casing.ellipse, CASING), (cart.inner, PRIMER)]
+        for ell, cid in parts:
+            pts = ellipse_points(ell, 96) * s
+            colour = CATEGORY_COLORS[cid]
+            if cid == PRIMER and cart.primer is None:  # estimated centre: thin and grey
+                colour = (160, 160, 160)
+            draw.line([tuple(p) for p in np.vstack([pts, pts[:1]])], fill=colour, width=line)
+        text = reading.text or (reading.reason and "(unreadable)") or "(no text)"
+        x0, y0, x1, _ = cart.casing.ellipse.box()
+        anchor = (max(2, x0 * s), max(2, y0 * s - font.size - 6))
+        box = draw.textbbox(anchor, text, font=font)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text(anchor, text, font=font, fill=(255, 255, 255))
+    return canvas
+
+
+def draw_strip(reading, scale: int = 2) -> Image.Image | None:
+    """The unrolled strip (upright: letter tops towards the rim) with each kept reading boxed
+    and labelled below it: green when read upright, cyan when read rotated (inward)."""
+    strip = reading.strip
+    if strip is None:
+        return None
+    img = Image.fromarray(strip.image)
+    img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.Resampling.BICUBIC)
+    band = 28 * scale // 2 + 8
+    canvas = Image.new("RGB", (img.size[0], img.size[1] + band), (20, 20, 20))
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12 * scale // 2 + 4)
+    for piece in reading.pieces:
+        colour = (60, 220, 90) if piece.direction == "outward" else (60, 200, 240)
+        x0, x1 = piece.x0 * scale, piece.x1 * scale
+        draw.rectangle([x0, 1, x1, img.size[1] - 2], outline=colour, width=2)
+        label = " ".join(piece.tokens) + ("" if piece.direction == "outward" else " (rotated)")
+        draw.text((x0, img.size[1] + 4), label, font=font, fill=colour)
+    return canvas

@@ -419,12 +419,13 @@ def test_unknown_format_option(tmp_path: Path) -> None:
 
 
 def test_polygons_to_mask() -> None:
-    mask = polygons_to_mask([rect(10, 10, 30, 20)], 48, 64)
+    # Pixel centres at integer coordinates: pixels 10..29 span x in [9.5, 29.5].
+    mask = polygons_to_mask([rect(9.5, 9.5, 29.5, 19.5)], 48, 64)
     assert mask.dtype == np.uint8 and mask.shape == (48, 64)
     assert mask.sum() == 20 * 10
     ys, xs = np.nonzero(mask)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 29, 10, 19)
-    half = polygons_to_mask([rect(10, 10, 30, 20)], 24, 32, scale=0.5)
+    half = polygons_to_mask([rect(9.5, 9.5, 29.5, 19.5)], 24, 32, scale=0.5)
     assert half.sum() == 10 * 5
     assert polygons_to_mask([], 8, 8).sum() == 0
 

@@ -13,7 +13,7 @@ dropped, counted in `LoadReport` and logged under the `cartridgeocr.data` logger
 problems (bad JSON, unknown ids, paths escaping the root, missing images) raise `DatasetError`.
 
 RLE segmentations are decoded and turned into polygons (outer contours through the boundary
-pixel centres, holes dropped), so downstream code only ever sees one representation.
+pixel centres, holes dropped; pixel centres at integer coordinates, see `cartridgeocr.geometry`), so downstream code only ever sees one representation.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pycocotools import mask as mask_utils
 
 from cartridgeocr.categories import CATEGORY_NAMES, COCO_CATEGORIES
 from cartridgeocr.data.images import DatasetError, image_size, verify_image
+from cartridgeocr.geometry import clip_polygon, polygon_area, rasterize_polygons
 
 __all__ = [
     "Annotation",
@@ -347,34 +348,14 @@ def _resolve_image(
 # --------------------------------------------------------------------------- geometry
 
 
-def _shoelace(xs: np.ndarray, ys: np.ndarray) -> float:
-    return 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
-
-
 def _polygon_area(poly: list[float]) -> float:
-    arr = np.asarray(poly, dtype=np.float64)
-    return _shoelace(arr[0::2], arr[1::2])
+    return polygon_area(poly)
 
 
 def _clip_polygon(poly: list[float], width: float, height: float) -> list[float]:
-    """Sutherland-Hodgman clip to [0, width] x [0, height] (exact, unlike clamping vertices)."""
-    pts = list(zip(poly[0::2], poly[1::2], strict=True))
-    for axis, bound, sign in ((0, 0.0, 1), (0, width, -1), (1, 0.0, 1), (1, height, -1)):
-        if not pts:
-            break
-        out: list[tuple[float, float]] = []
-        for k, cur in enumerate(pts):
-            prev = pts[k - 1]
-            cur_in = sign * (cur[axis] - bound) >= 0
-            prev_in = sign * (prev[axis] - bound) >= 0
-            if cur_in != prev_in:
-                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-                x = prev[0] + t * (cur[0] - prev[0])
-                y = prev[1] + t * (cur[1] - prev[1])
-                out.append((bound, y) if axis == 0 else (x, bound))
-            if cur_in:
-                out.append(cur)
-        pts = out
+    """Exact clip of a flat polygon to [0, width] x [0, height] (see `geometry.clip_polygon`)."""
+    clipped = clip_polygon(np.asarray(poly, dtype=np.float64).reshape(-1, 2), 0, 0, width, height)
+    pts = [(float(x), float(y)) for x, y in clipped]
     deduped = [p for k, p in enumerate(pts) if k == 0 or p != pts[k - 1]]
     if len(deduped) > 1 and deduped[0] == deduped[-1]:
         deduped.pop()
@@ -393,30 +374,17 @@ def _rle_to_polygons(rle: dict, path: Path, where: str) -> tuple[list[list[float
     except Exception as e:  # pycocotools raises a mix of types for malformed RLE
         raise DatasetError(f"{path}: {where}: malformed RLE segmentation ({e})") from None
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polys = [
-        (c.reshape(-1, 2).astype(np.float64) + 0.5).ravel().tolist()
-        for c in contours
-        if len(c) >= 3
-    ]
+    # Contours run through boundary pixel centres: already this project's coordinates.
+    polys = [c.reshape(-1, 2).astype(np.float64).ravel().tolist() for c in contours if len(c) >= 3]
     return polys, h, w
 
 
 def polygons_to_mask(
     polygons: list[list[float]], height: int, width: int, scale: float = 1.0
 ) -> np.ndarray:
-    """Rasterise polygons (original pixels, times `scale`) into a uint8 HxW {0,1} mask.
-
-    Uses pycocotools so masks match what COCO evaluation rasterises.
-    """
-    polys = [
-        (np.asarray(p, dtype=np.float64) * scale).tolist()
-        for p in polygons
-        if len(p) >= 6 and len(p) % 2 == 0
-    ]
-    if not polys:
-        return np.zeros((height, width), dtype=np.uint8)
-    rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    """Rasterise polygons (original pixels, times `scale`) into a uint8 HxW {0,1} mask: the
+    pixels whose centres lie inside (`geometry.rasterize_polygons`, pycocotools underneath)."""
+    return rasterize_polygons(polygons, height, width, scale)
 
 
 # --------------------------------------------------------------------------- loading

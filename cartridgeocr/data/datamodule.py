@@ -2,29 +2,38 @@
 
 Samples follow torchvision's detection convention: a float image tensor (3, S, S) in [0, 1] and a
 target dict with ``boxes`` (N, 4) xyxy, ``labels`` (N,) category ids, ``masks`` (N, S, S) uint8,
-plus ``image_id``, ``file_name`` and ``scale`` (resized / original pixels, for mapping predictions back).
+plus ``image_id``, ``file_name``, ``scale`` (resized / original pixels, for mapping predictions back)
+and ``orig_size`` (original width, height).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import warnings
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from cartridgeocr.data.coco import CocoIndex, ImageRecord, load_coco, polygons_to_mask
+from cartridgeocr.data.coco import CocoIndex, ImageRecord, load_coco
 from cartridgeocr.data.images import decode_image
+from cartridgeocr.data.sampling import SeededSampler
 from cartridgeocr.data.transforms import apply_transforms, augment_params, build_transforms
 from cartridgeocr.errors import ConfigError
+from cartridgeocr.geometry import rasterize_polygons
 
 log = logging.getLogger("cartridgeocr.data")
 
 
 class DetectionDataset(Dataset):
-    """Decodes, rasterises polygons to masks and applies the augmentation pipeline."""
+    """Decodes, rasterises polygons to masks and applies the augmentation pipeline.
+
+    An item is an index, or ``(index, seed)`` from `SeededSampler`: the seed fixes this image's
+    augmentation, whichever process decodes it and whenever."""
 
     def __init__(self, records: list[ImageRecord], image_size: int, transforms) -> None:
         self.records = records
@@ -34,14 +43,18 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            # One generator pair shared by every transform: a tenth of set_random_seed's cost.
+            self.transforms.set_random_state(np.random.default_rng(seed), random.Random(seed))
         rec = self.records[i]
         image, scale = decode_image(rec.path, max_side=self.image_size)
         h, w = image.shape[:2]
         masks, boxes, labels = [], [], []
         for ann in rec.annotations:
             if ann.polygons:
-                masks.append(polygons_to_mask(ann.polygons, h, w, scale))
+                masks.append(rasterize_polygons(ann.polygons, h, w, scale))
             else:  # box-only source: a filled box stands in for the mask
                 m = np.zeros((h, w), np.uint8)
                 x0, y0, x1, y1 = (np.array(ann.bbox) * scale).round().astype(int)
@@ -59,6 +72,7 @@ class DetectionDataset(Dataset):
             "file_name": rec.file_name,
             # Validation transforms only resize+pad from the top-left, so one factor maps back.
             "scale": s / max(rec.width, rec.height),
+            "orig_size": (rec.width, rec.height),
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         return tensor, target
@@ -143,6 +157,8 @@ class DetectionDataModule(L.LightningDataModule):
         self.verify_images = verify_images
         self.skip_bad_images = skip_bad_images
         self.seed = 0 if seed is None else int(seed)
+        #: Seed of the training order and augmentation (None: a fresh one, kept across a resume).
+        self.run_seed = None if seed is None else int(seed)
         self.augment = dict(augment or {"name": "none"})
         augment_params(self.augment)  # typos and bad values fail now, naming the key
         self.name = name
@@ -178,19 +194,26 @@ class DetectionDataModule(L.LightningDataModule):
         log.info("data %s: %d train / %d val images", self.name, len(train), len(val))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
-            drop_last=shuffle and len(dataset) > self.batch_size,
-            pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=worker_start_method(self.num_workers),
-        )
+        """Training: a `StatefulDataLoader` over a `SeededSampler`, whose position Lightning saves
+        in every checkpoint, so a run resumed mid-epoch continues with the same batches."""
+        cls = StatefulDataLoader if shuffle else DataLoader
+        sampler = SeededSampler(len(dataset), self.run_seed, **_replicas()) if shuffle else None
+        with warnings.catch_warnings():  # torchdata 0.11 calls an API torch 2.14 deprecates
+            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+            return cls(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+                persistent_workers=self.num_workers > 0,
+                # Worker seeds come from this generator, not from the global one training draws from.
+                generator=torch.Generator().manual_seed(self.seed),
+                # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
+                drop_last=shuffle and len(dataset) > self.batch_size,
+                pin_memory=torch.cuda.is_available(),
+                multiprocessing_context=worker_start_method(self.num_workers),
+            )
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_set:
@@ -201,6 +224,14 @@ class DetectionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+
+def _replicas() -> dict[str, int]:
+    """This process's place among DDP processes (the training sampler shards itself)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return {"num_replicas": dist.get_world_size(), "rank": dist.get_rank()}
+    return {}
 
 
 class SyntheticDataModule(DetectionDataModule):

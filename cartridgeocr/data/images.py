@@ -10,6 +10,7 @@ because that is what labelling tools and people see.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -35,9 +36,18 @@ class DatasetError(ValueError):
     """
 
 
-def _open(path: Path) -> Image.Image:
+#: What a caller may pass as an image: a file path, or the encoded bytes of an image file.
+ImageSource = str | Path | bytes
+
+
+def _as_path(source: ImageSource) -> Path:
+    """The name used in messages: the path, or ``<bytes>`` for in-memory data."""
+    return Path("<bytes>") if isinstance(source, bytes | bytearray) else Path(source)
+
+
+def _open(path: Path, data: bytes | None = None) -> Image.Image:
     try:
-        return Image.open(path)
+        return Image.open(io.BytesIO(data) if data is not None else path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
     except IsADirectoryError:
@@ -61,10 +71,10 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if _orientation(im) in _TRANSPOSING_ORIENTATIONS else (w, h)
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
+def image_size(path: ImageSource) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the file header."""
-    path = Path(path)
-    with _open(path) as im:
+    data = bytes(path) if isinstance(path, bytes | bytearray) else None
+    with _open(_as_path(path), data) as im:
         return _oriented_size(im)
 
 
@@ -126,7 +136,7 @@ def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(w * max_side / h)), max_side
 
 
-def decode_image(path: str | Path, max_side: int | None = None) -> tuple[np.ndarray, float]:
+def decode_image(path: ImageSource, max_side: int | None = None) -> tuple[np.ndarray, float]:
     """Decode to an RGB uint8 HxWx3 array of the EXIF-oriented image.
 
     With `max_side`, the long side of the result is `max_side` (never upscaled: smaller images
@@ -137,12 +147,13 @@ def decode_image(path: str | Path, max_side: int | None = None) -> tuple[np.ndar
 
     Greyscale, palette, CMYK and 16-bit images become RGB (16-bit scaled by 1/257, not clipped);
     transparent images are composited on white. Missing, corrupt or truncated files raise
-    `DatasetError` naming the file.
+    `DatasetError` naming the file. ``path`` may also be the encoded bytes of an image file.
     """
-    path = Path(path)
+    data = bytes(path) if isinstance(path, bytes | bytearray) else None
+    path = _as_path(path)
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be a positive integer, got {max_side}")
-    im = _open(path)
+    im = _open(path, data)
     try:
         with im:
             orig_w, _ = _oriented_size(im)

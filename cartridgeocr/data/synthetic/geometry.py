@@ -11,6 +11,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Ellipse and polygon helpers live in the project's one geometry module; re-exported here for
+# the renderer's modules.
+from cartridgeocr.geometry import clip_polygon, conic_to_ellipse, ellipse_points, polygon_area
+
+__all__ = [
+    "POLYGON_POINTS",
+    "Camera",
+    "HeadPose",
+    "apply_h",
+    "circle_conic",
+    "clip_polygon",
+    "conic_to_ellipse",
+    "ellipse_points",
+    "make_pose",
+    "map_circle",
+    "plane_homography",
+    "polygon_area",
+    "texture_to_plane",
+]
+
 #: Points on every label polygon (the real labels use 48; more keeps IoU with the true ellipse high).
 POLYGON_POINTS = 64
 
@@ -89,80 +109,13 @@ def circle_conic(cx: float, cy: float, r: float) -> np.ndarray:
     )
 
 
-def conic_to_ellipse(C: np.ndarray) -> tuple[float, float, float, float, float]:
-    """Exact ``(cx, cy, a, b, angle_deg)`` of the ellipse a conic describes."""
-    C = (C + C.T) / 2
-    M = C[:2, :2]
-    centre = np.linalg.solve(M, -C[:2, 2])
-    k = C[2, 2] + C[:2, 2] @ centre
-    evals, evecs = np.linalg.eigh(M / -k)
-    # Smaller eigenvalue <-> longer semi-axis.
-    a, b = 1 / np.sqrt(evals[0]), 1 / np.sqrt(evals[1])
-    angle = np.degrees(np.arctan2(evecs[1, 0], evecs[0, 0])) % 180.0
-    return float(centre[0]), float(centre[1]), float(a), float(b), float(angle)
-
-
 def map_circle(H: np.ndarray, cx: float, cy: float, r: float) -> tuple[float, ...]:
     """Ellipse that homography ``H`` makes of a circle."""
     Hi = np.linalg.inv(H)
     return conic_to_ellipse(Hi.T @ circle_conic(cx, cy, r) @ Hi)
 
 
-def ellipse_points(ell: tuple[float, ...], n: int = POLYGON_POINTS) -> np.ndarray:
-    """(n, 2) points on the ellipse, in the same parametrisation as the real labels."""
-    cx, cy, a, b, ang = ell
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    ca, sa = np.cos(np.radians(ang)), np.sin(np.radians(ang))
-    x = cx + a * np.cos(t) * ca - b * np.sin(t) * sa
-    y = cy + a * np.cos(t) * sa + b * np.sin(t) * ca
-    return np.stack([x, y], axis=1)
-
-
 def apply_h(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """Apply a homography to (N, 2) points."""
     p = np.concatenate([pts, np.ones((len(pts), 1))], axis=1) @ H.T
     return p[:, :2] / p[:, 2:3]
-
-
-def clip_polygon(
-    poly: np.ndarray, xmin: float, ymin: float, xmax: float, ymax: float
-) -> np.ndarray:
-    """Sutherland-Hodgman clip of a polygon to an axis-aligned rectangle."""
-    if (
-        len(poly)
-        and poly[:, 0].min() >= xmin
-        and poly[:, 0].max() <= xmax
-        and poly[:, 1].min() >= ymin
-        and poly[:, 1].max() <= ymax
-    ):
-        return poly
-    out = poly
-    for axis, bound, keep_greater in (
-        (0, xmin, True),
-        (0, xmax, False),
-        (1, ymin, True),
-        (1, ymax, False),
-    ):
-        if len(out) == 0:
-            break
-        inp, out_pts = out, []
-        prev = inp[-1]
-        prev_in = prev[axis] >= bound if keep_greater else prev[axis] <= bound
-        for cur in inp:
-            cur_in = cur[axis] >= bound if keep_greater else cur[axis] <= bound
-            if cur_in != prev_in:
-                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-                out_pts.append(prev + t * (cur - prev))
-            if cur_in:
-                out_pts.append(cur)
-            prev, prev_in = cur, cur_in
-        out = np.array(out_pts, dtype=np.float64).reshape(-1, 2)
-    return out
-
-
-def polygon_area(poly: np.ndarray) -> float:
-    """Shoelace area of an (N, 2) polygon."""
-    if len(poly) < 3:
-        return 0.0
-    x, y = poly[:, 0], poly[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)

@@ -1,0 +1,149 @@
+"""Reading accuracy: token recall and CER per OCR backend, with ground-truth and with predicted
+geometry, on synthetic renders and on the real photos in ../shared/real-headstamps.
+
+    python benchmarks/reading.py --checkpoint best.ckpt [--ocr rapidocr tesseract]
+        [--synthetic 200] [--no-lexicon-too] [--max-images N] [--datasets synthetic real]
+
+"gt" rows read the ring between the labelled casing and primer ellipses (reading errors only);
+"pred" rows read what the detector found (detection + pairing + reading). The synthetic set is
+rendered at 1024 px with seed 1000 (the training renders use seed 0) and cached in
+.cache/synthetic. Nothing here trains or tunes on the real photos. Each row is the same code
+path as `cartridgeocr-eval` (`evaluate_reading`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "real-headstamps"
+
+
+def compose_eval(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.runtime.output_dir = "/tmp"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="detector checkpoint (predicted geometry)")
+    ap.add_argument("--ocr", nargs="+", default=["rapidocr", "tesseract"])
+    ap.add_argument("--synthetic", type=int, default=200, help="synthetic renders (0: none)")
+    ap.add_argument("--max-images", type=int, default=None)
+    ap.add_argument("--no-lexicon-too", action="store_true", help="also rows without the lexicon")
+    ap.add_argument(
+        "--datasets", nargs="+", default=["synthetic", "real"], choices=["synthetic", "real"]
+    )
+    ap.add_argument("overrides", nargs="*", help="extra eval-config overrides (reading.*)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from cartridgeocr.predictor import Predictor, load_model
+    from cartridgeocr.reading.evaluate import evaluate_reading, load_eval_data
+    from cartridgeocr.reading.pipeline import build_reader
+
+    datasets = []
+    if args.synthetic and "synthetic" in args.datasets:
+        datasets.append(
+            ("synthetic", ["eval_data=synthetic", f"eval_data.num_images={args.synthetic}"])
+        )
+    if "real" not in args.datasets:
+        pass
+    elif (REAL / "annotations.json").is_file():
+        datasets.append(
+            ("real", ["eval_data=real_sample", f"paths.shared_dir={ROOT.parent / 'shared'}"])
+        )
+    else:
+        print(f"note: {REAL} is absent; real-photo rows skipped")
+    source = load_model(args.checkpoint)
+    predictor = Predictor(source.model, batch_size=1, read_max_side=1600)
+    variants = [(True, [])]
+    if args.no_lexicon_too:
+        variants.append((False, ["reading.read.lexicon=false"]))
+
+    rows = []
+    for data_name, data_over in datasets:
+        index = None
+        for ocr in args.ocr:
+            for lexicon, lex_over in variants:
+                cfg = compose_eval([*data_over, f"ocr={ocr}", *lex_over, *args.overrides])
+                if index is None:
+                    index = load_eval_data(cfg, args.max_images)
+                reader = build_reader(cfg, predictor)
+                start = time.perf_counter()
+                metrics, casing_rows, images = evaluate_reading(reader, index, progress=False)
+                wall = time.perf_counter() - start
+                readings = 2 * len(casing_rows)  # on predicted and on true geometry
+                ocr_s = sum(im.get("timings", {}).get("ocr", 0.0) for im in images)
+                for geometry, prefix in (("gt", "read_gt"), ("pred", "read")):
+                    rows.append(
+                        {
+                            "data": data_name,
+                            "ocr": ocr,
+                            "lexicon": "on" if lexicon else "off",
+                            "geometry": geometry,
+                            "recall": metrics.get(f"{prefix}/token_recall", float("nan")),
+                            "precision": metrics.get(f"{prefix}/token_precision", float("nan")),
+                            "exact": metrics.get(f"{prefix}/exact_match", float("nan")),
+                            "cer": metrics.get(f"{prefix}/cer", float("nan")),
+                            "casings": int(metrics.get(f"{prefix}/casings", 0)),
+                            "ap50": metrics.get("val/map_50", float("nan")),
+                            "pairing": metrics.get("read/pairing_accuracy", float("nan")),
+                            "ms_per_casing": 1000
+                            * ocr_s
+                            / max(1, sum(im.get("cartridges", 0) for im in images)),
+                            "wall_s": wall,
+                        }
+                    )
+                print(
+                    f"done: {data_name} {ocr} lexicon={lexicon} in {wall:.0f} s ({readings} readings)",
+                    flush=True,
+                )
+                for r in rows[-2:]:  # as soon as measured: a long run shows its rows early
+                    print(
+                        f"  {r['geometry']}: recall {r['recall']:.3f} precision {r['precision']:.3f} "
+                        f"exact {r['exact']:.3f} CER {r['cer']:.3f} casings {r['casings']}",
+                        flush=True,
+                    )
+
+    print()
+    print(f"checkpoint: {args.checkpoint}")
+    header = "| data | OCR | lexicon | geometry | token recall | token precision | exact match | CER | casings |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        print(
+            f"| {r['data']} | {r['ocr']} | {r['lexicon']} | {r['geometry']} | {r['recall']:.3f} | "
+            f"{r['precision']:.3f} | {r['exact']:.3f} | {r['cer']:.3f} | {r['casings']} |"
+        )
+    print()
+    print("detection on each set (same for every OCR row):")
+    seen = set()
+    for r in rows:
+        if r["data"] not in seen:
+            seen.add(r["data"])
+            print(f"  {r['data']}: AP50 {r['ap50']:.3f}, pairing accuracy {r['pairing']:.3f}")
+    print("OCR time per detected casing (ms, predicted geometry, all directions and polarities):")
+    for r in rows:
+        if r["geometry"] == "pred":
+            print(f"  {r['data']} {r['ocr']} lexicon {r['lexicon']}: {r['ms_per_casing']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The headstamp reader as an MLflow pyfunc model ("models from code": MLflow stores and runs
+this file; `set_model` at the bottom names the model).
+
+Serve it with ``mlflow models serve -m runs:/<run_id>/model --env-manager local``.
+
+Request, one row per photo (as the original CartridgeOCR endpoint took it), either as columns
+(``{"dataframe_split": {"columns": ["image", "render"], "data": [[<base64>, true]]}}``) or as
+``{"inputs": [{"image": <base64>, "render": false}]}``:
+
+* ``image``: the photo file's bytes, base64-encoded (JPEG, PNG, ...);
+* ``render`` (optional, default false): also return the overlay picture, base64 PNG.
+
+Response, one object per photo: ``width``, ``height``, ``cartridges`` (each with ``casing``
+and ``primer`` boxes in pixels and in [0, 1) image coordinates, ellipses, scores, ``text``,
+``text_confidence`` and ``tokens``), ``inference_version``, ``model`` and, when asked,
+``overlay``. A payload that is not an image is answered with HTTP 400 naming the row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
+
+#: Keys of ``artifacts`` the model needs (see `cartridgeocr.serving.log.save_reader_model`).
+CHECKPOINT_ARTIFACT = "checkpoint"
+CONFIG_ARTIFACT = "reader_config"
+
+
+class HeadstampReaderModel(PythonModel):
+    def load_context(self, context):
+        from omegaconf import OmegaConf
+
+        from cartridgeocr.cli.common import setup_environment
+        from cartridgeocr.models.base import load_detector
+        from cartridgeocr.predictor import Predictor
+        from cartridgeocr.reading.pipeline import build_reader
+
+        setup_environment()
+        cfg = OmegaConf.load(context.artifacts[CONFIG_ARTIFACT])
+        predictor = Predictor(
+            load_detector(context.artifacts[CHECKPOINT_ARTIFACT]),
+            batch_size=1,
+            max_pixels=int(cfg.get("max_pixels", 100_000_000)),
+            read_max_side=cfg.get("read_max_side"),
+        )
+        self.reader = build_reader(cfg, predictor)
+        self.model_info = dict(cfg.get("model_info") or {})
+
+    # No type hints on predict: MLflow would read them as a signature of their own.
+    def predict(self, context, model_input, params=None):
+        rows = _rows(model_input)
+        images, renders = [], []
+        for i, row in enumerate(rows):
+            images.append(_decode(row.get("image"), i))
+            renders.append(_flag(row.get("render"), i))
+        results = self.reader.read(images, keep_images=any(renders))
+        out = []
+        for i, (result, render) in enumerate(zip(results, renders, strict=True)):
+            if result.error is not None:
+                message = result.error.replace("<bytes>", f"row {i}: image")
+                raise MlflowException.invalid_parameter_value(message)
+            out.append(self._response(result, render))
+        return out
+
+    def _response(self, result: Any, render: bool) -> dict:
+        from cartridgeocr.reading.pipeline import INFERENCE_VERSION
+
+        record = result.to_record()
+        w, h = result.width, result.height
+        for cart in record["cartridges"]:
+            for part in (cart["casing"], cart["primer"]):
+                if part is not None:
+                    part["box_normalized"] = _normalised(part["box"], w, h)
+        response = {
+            "width": w,
+            "height": h,
+            "cartridges": record["cartridges"],
+            "inference_version": INFERENCE_VERSION,
+            "model": {**self.model_info, **self.reader.describe()},
+        }
+        if render:
+            from cartridgeocr.viz import draw_reading
+
+            buf = io.BytesIO()
+            draw_reading(result.image, result.image_scale, result).save(buf, format="PNG")
+            response["overlay"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        return response
+
+
+def _rows(model_input: Any) -> list[dict]:
+    """pyfunc hands a DataFrame (schema-enforced); a list of dicts or a dict of columns also do."""
+    if hasattr(model_input, "to_dict"):
+        return model_input.to_dict(orient="records")
+    if isinstance(model_input, dict):
+        keys = list(model_input)
+        columns = [v if isinstance(v, list) else [v] for v in model_input.values()]
+        return [dict(zip(keys, vals, strict=True)) for vals in zip(*columns, strict=True)]
+    if isinstance(model_input, list) and all(isinstance(r, dict) for r in model_input):
+        return model_input
+    raise MlflowException.invalid_parameter_value(
+        "expected rows with an 'image' column (base64 image bytes) and an optional 'render'"
+    )
+
+
+def _decode(value: Any, i: int) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if not isinstance(value, str) or not value:
+        raise MlflowException.invalid_parameter_value(
+            f"row {i}: 'image' must be the image file's bytes, base64-encoded"
+        )
+    text = value.split(",", 1)[1] if value.startswith("data:") else value  # data URLs too
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MlflowException.invalid_parameter_value(
+            f"row {i}: 'image' is not valid base64"
+        ) from None
+
+
+def _flag(value: Any, i: int) -> bool:
+    if value is None or (isinstance(value, float) and value != value):  # missing or NaN
+        return False
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise MlflowException.invalid_parameter_value(f"row {i}: 'render' must be true or false")
+
+
+def _normalised(box: list[float], w: int, h: int) -> list[float]:
+    """Pixel-centre box -> [0, 1) image coordinates (the image spans [-0.5, W - 0.5])."""
+    x0, y0, x1, y1 = box
+    return [
+        round(min(max((x0 + 0.5) / w, 0.0), 1.0), 5),
+        round(min(max((y0 + 0.5) / h, 0.0), 1.0), 5),
+        round(min(max((x1 + 0.5) / w, 0.0), 1.0), 5),
+        round(min(max((y1 + 0.5) / h, 0.0), 1.0), 5),
+    ]
+
+
+mlflow.models.set_model(HeadstampReaderModel())

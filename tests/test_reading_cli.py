@@ -1,0 +1,272 @@
+"""The reading apps as users run them: cartridgeocr-predict and cartridgeocr-eval as installed
+console scripts, and the MLflow pyfunc model served on loopback. One tiny model is trained
+for the whole module (a few steps; it also logs the served model, as every training run does).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, compose_train_cfg, tiny_train_overrides, write_tiny_coco
+from PIL import Image
+
+from cartridgeocr.data.synthetic import render_dataset
+
+BIN = ROOT / ".venv" / "bin"
+#: Lets the barely trained model through to pairing, unrolling, OCR and the pictures.
+PERMISSIVE = [
+    "reading.postprocess.score_threshold=0",
+    "reading.postprocess.min_casing_size=2",
+    "reading.postprocess.border_margin=-0.01",  # its boxes fill the image
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A YOLO trained for two steps on tiny discs, with a very low score threshold so that it
+    returns boxes; its MLflow run holds checkpoints/best.ckpt and the served model."""
+    from cartridgeocr.train import train
+
+    tmp = tmp_path_factory.mktemp("reading_cli")
+    ann, images = write_tiny_coco(tmp / "tiny", num_images=6, size=96)
+    extra = [
+        "model=yolo",
+        "optim=yolo_sgd",
+        "model.conf_threshold=0.000001",
+    ]
+    # Keep the callback that logs the served reader (the tiny overrides remove it elsewhere).
+    overrides = [o for o in tiny_train_overrides(ann, images, extra) if "reader_model" not in o]
+    cfg = compose_train_cfg(tmp, overrides)
+    _, objects = train(cfg)
+    photos = tmp / "photos"
+    render_dataset(tmp / "synth", 3, seed=11, image_size=192, workers=1, progress=False)
+    photos.mkdir()
+    for p in sorted((tmp / "synth" / "images").glob("*.jpg")):
+        (photos / p.name).write_bytes(p.read_bytes())
+    return {
+        "root": tmp,
+        "checkpoint": objects["checkpoint"].best_model_path,
+        "run_id": objects["run_id"],
+        "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "photos": photos,
+        "synth": tmp / "synth",
+    }
+
+
+def run(args: list[str], cwd: Path, uri: str | None = None, timeout: int = 900):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri} if uri else dict(os.environ)
+    return subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def add_bad_files(folder: Path) -> dict[str, str]:
+    """Files each app must turn into an `error` entry (name -> a word the error contains)."""
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    good = next(folder.glob("0*.jpg")).read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (700, 700), (128, 128, 128)).save(folder / "huge.png")
+    return {"empty.jpg": "not a readable image", "notes.jpg": "not a readable image",
+            "truncated.jpg": "truncated", "huge.png": "above the limit"}  # fmt: skip
+
+
+def test_predict_cli_from_the_repo_root_with_a_run_id(trained, tmp_path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in trained["photos"].iterdir():
+        (photos / p.name).write_bytes(p.read_bytes())
+    bad = add_bad_files(photos)
+    out = tmp_path / "out"
+    proc = run(
+        [str(BIN / "cartridgeocr-predict"), f"run_id={trained['run_id']}", f"input={photos}",
+         f"output_dir={out}", "max_pixels=400000", "progress=false", *PERMISSIVE],
+        cwd=ROOT, uri=trained["uri"],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((out / "predictions.json").read_text())
+    by_name = {Path(r["file_name"]).name: r for r in records}
+    assert len(records) == 7 and set(bad) < set(by_name)
+    for name, word in bad.items():
+        assert word in by_name[name]["error"] and name in by_name[name]["error"]
+        assert "cartridges" not in by_name[name]
+    good = [r for n, r in by_name.items() if n not in bad]
+    assert all("error" not in r and r["width"] == r["height"] == 192 for r in good)
+    cartridges = [c for r in good for c in r["cartridges"]]
+    assert cartridges, "the permissive thresholds should let some boxes through"
+    for r in good:
+        for det in r["detections"]:
+            assert det["label"] in ("casing", "primer") and len(det["box"]) == 4
+        for c in r["cartridges"]:
+            assert set(c) >= {"casing", "primer", "text", "text_confidence", "tokens"}
+            assert len(c["casing"]["ellipse"]) == 5 and len(c["casing"]["box"]) == 4
+    assert len(list((out / "overlays").glob("*.png"))) == len(good)
+    assert len(list((out / "unrolled").glob("*.png"))) >= 1
+    assert "huge.png" in proc.stdout + proc.stderr  # the summary names the refused image
+
+
+def test_predict_cli_from_another_folder_with_a_checkpoint(trained, tmp_path) -> None:
+    proc = run(
+        [str(BIN / "cartridgeocr-predict"), f"checkpoint={trained['checkpoint']}",
+         f"input={trained['photos']}/*.jpg", "output_dir=preds", "progress=false"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((tmp_path / "preds" / "predictions.json").read_text())
+    assert len(records) == 3
+    # At the default thresholds the barely trained model finds nothing: an empty result, no error.
+    assert all(r["cartridges"] == [] and "error" not in r for r in records)
+
+
+def test_predict_cli_errors_are_one_line(trained, tmp_path) -> None:
+    proc = run(
+        [str(BIN / "cartridgeocr-predict"), "run_id=0123456789abcdef", f"input={trained['photos']}"],
+        cwd=tmp_path, uri=trained["uri"],
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "error: run_id=0123456789abcdef: no such MLflow run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run(
+        [str(BIN / "cartridgeocr-predict"), f"checkpoint={trained['checkpoint']}",
+         f"input={trained['photos']}", "ocr=tesseract", "ocr.command=/nonexistent/tesseract"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "tesseract program was not found" in proc.stderr and "apt-get install" in proc.stderr
+
+
+def test_not_a_checkpoint_is_a_one_line_error(tmp_path) -> None:
+    from cartridgeocr.errors import ConfigError
+    from cartridgeocr.predictor import load_model
+
+    bad = tmp_path / "weights.ckpt"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigError, match="weights.ckpt: not a readable checkpoint"):
+        load_model(checkpoint=bad)
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_model()
+
+
+def test_eval_cli_on_synthetic_renders_logs_a_report(trained, tmp_path) -> None:
+    synth = trained["synth"]
+    proc = run(
+        [str(BIN / "cartridgeocr-eval"), f"checkpoint={trained['checkpoint']}", "eval_data=coco",
+         f"eval_data.annotations={synth / 'annotations.json'}", f"eval_data.images={synth / 'images'}",
+         f"output_dir={tmp_path / 'eval'}", f"logger.tracking_uri=sqlite:///{tmp_path / 'eval.db'}",
+         "progress=false"],
+        cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    metrics = report["metrics"]
+    for name in ("val/map_50", "read/token_recall", "read_gt/token_recall", "read_gt/cer"):
+        assert name in metrics
+    assert metrics["read_gt/casings"] >= 3
+    # Reading on the true ellipses of clean renders finds text; the untrained detector doesn't.
+    assert metrics["read_gt/token_recall"] > metrics["read/token_recall"]
+    assert (tmp_path / "eval" / "reading_table.csv").read_text().count("\n") >= 4
+    assert (tmp_path / "eval" / "gallery.png").is_file()
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'eval.db'}")
+    (run_,) = client.search_runs(client.search_experiments()[0].experiment_id.split())
+    assert run_.data.metrics["read_gt/token_recall"] == pytest.approx(
+        metrics["read_gt/token_recall"]
+    )
+    names = {a.path for a in client.list_artifacts(run_.info.run_id, "eval")}
+    assert {"eval/report.json", "eval/reading_table.html", "eval/gallery.png"} <= names
+    # From another folder, bad input is a one-line error before any model is loaded.
+    proc = run(
+        [str(BIN / "cartridgeocr-eval"), f"checkpoint={trained['checkpoint']}", "eval_data=coco",
+         "eval_data.annotations=missing.json", f"eval_data.images={tmp_path}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "missing.json: annotation file not found" in proc.stderr
+
+
+# ---- serving -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, payload, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_served_model_answers_a_photo_and_rejects_a_bad_payload(trained) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{trained['run_id']}/model",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=trained["root"],
+        # mlflow starts uvicorn by name: the venv's bin must be on PATH, as when activated.
+        env={**os.environ, "MLFLOW_TRACKING_URI": trained["uri"],
+             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "the model server did not start in 10 minutes"
+            time.sleep(2)
+
+        photo = next(trained["photos"].glob("*.jpg"))
+        b64 = base64.b64encode(photo.read_bytes()).decode()
+        split = {"dataframe_split": {"columns": ["image", "render"], "data": [[b64, True]]}}
+        status, body = post(f"{base}/invocations", json.dumps(split).encode())
+        assert status == 200, body
+        (pred,) = body["predictions"]
+        assert (pred["width"], pred["height"]) == (192, 192)
+        assert pred["inference_version"] and isinstance(pred["cartridges"], list)
+        overlay = Image.open(io.BytesIO(base64.b64decode(pred["overlay"])))
+        assert overlay.size == (192, 192)
+
+        status, body = post(
+            f"{base}/invocations", json.dumps({"inputs": [{"image": b64}]}).encode()
+        )
+        assert status == 200 and "overlay" not in body["predictions"][0]
+
+        not_image = base64.b64encode(b"GIF89a? no, just text").decode()
+        status, body = post(
+            f"{base}/invocations", json.dumps({"inputs": [{"image": not_image}]}).encode()
+        )
+        assert 400 <= status < 500 and "row 0" in body.get("message", ""), body
+        status, _ = post(f"{base}/invocations", b"{this is not json")
+        assert 400 <= status < 500
+        assert server.poll() is None  # still serving after the bad requests
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert np.isfinite(server.returncode or 0)
