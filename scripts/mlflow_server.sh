@@ -13,7 +13,7 @@
 # MLFLOW_BACKEND_STORE_URI (default sqlite:///$MLFLOW_SERVER_DIR/mlflow.db; use PostgreSQL or
 # MySQL for many writers), MLFLOW_ARTIFACTS_DESTINATION (default $MLFLOW_SERVER_DIR/artifacts),
 # MLFLOW_HOST (127.0.0.1: this machine only; 0.0.0.0 for the network), MLFLOW_PORT (5000),
-# MLFLOW_WORKERS (4), MLFLOW_ALLOWED_HOSTS (Host headers accepted besides localhost and
+# MLFLOW_WORKERS (4), MLFLOW_SERVER_ENABLE_JOB_EXECUTION (false), MLFLOW_ALLOWED_HOSTS (Host headers accepted besides localhost and
 # private IPs). Extra arguments go to `mlflow server` as they are.
 set -euo pipefail
 
@@ -33,6 +33,9 @@ artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-$dir/artifacts}"
 host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"
 workers="${MLFLOW_WORKERS:-4}"
+# MLflow 3's server also starts a pool of job consumers (GenAI evaluation jobs, periodic tasks):
+# a dozen processes this project never uses. Off unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 if [[ "$backend" == sqlite:///* || "$artifacts" != *://* ]]; then
     mkdir -p "$dir"

@@ -92,7 +92,9 @@ def test_a_killed_search_started_again_ends_with_exactly_n_trials(tmp_path: Path
     retry = next(t for t in complete if t.system_attrs.get("failed_trial") == killed.number)
     assert retry.params == killed.params  # the killed trial's parameters, run again
     resumed = [t for t in complete if t.number > killed.number]
-    assert len({t.user_attrs["worker"] for t in resumed}) == 2  # two workers shared the study
+    # The two workers shared the study (unless the first call finished a third trial just
+    # before the kill, leaving only the retry to run).
+    assert len({t.user_attrs["worker"] for t in resumed}) == min(2, len(resumed)), resumed
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cartridgeocr")
