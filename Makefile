@@ -23,12 +23,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cartridgeocr tests benchmarks scripts
-	$(VENV)/bin/ruff format --check cartridgeocr tests benchmarks scripts
+	$(VENV)/bin/ruff check cartridgeocr hydra_plugins tests benchmarks scripts
+	$(VENV)/bin/ruff format --check cartridgeocr hydra_plugins tests benchmarks scripts
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format cartridgeocr tests benchmarks scripts
-	$(VENV)/bin/ruff check --fix cartridgeocr tests benchmarks scripts
+	$(VENV)/bin/ruff format cartridgeocr hydra_plugins tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix cartridgeocr hydra_plugins tests benchmarks scripts
 
 ## Open the MLflow UI on this folder's runs.
 ui: $(STAMP)

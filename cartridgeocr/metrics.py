@@ -13,6 +13,10 @@ Logged names:
 - Cross-validated fine-tuning (`cartridgeocr.finetune`): a fold run logs ``before/<val metric>``, the
   start weights' score on its held-out fold; the fine-tune run logs ``cv/before/<val metric>/mean``
   (and ``/std``), the same for ``cv/after/...``, and ``cv/epochs``, the epoch count the folds chose.
+- ``model/params``: the detector's parameter count; ``perf/train_s``: wall-clock seconds of
+  training in one process (a resumed run logs one value per process: their sum is the total);
+  ``perf/infer_ms_per_image``: milliseconds per validation image, batch 1, eval mode, on the
+  training device, timed when training ends (`cartridgeocr.model_stats.ModelStats`).
 
 Reading (``cartridgeocr-eval``), per true casing with text, summed over the dataset:
 - ``read/token_recall``: true tokens found / true tokens (normalised: upper case, dots dropped);
@@ -51,6 +55,9 @@ VAL_SEGM_MAP = "val/segm_map"
 VAL_F1 = "val/f1"
 TRAIN_EPOCH_IMAGES = "train/epoch_images"
 CV_EPOCHS = "cv/epochs"
+MODEL_PARAMS = "model/params"
+TRAIN_SECONDS = "perf/train_s"
+INFER_MS_PER_IMAGE = "perf/infer_ms_per_image"
 
 
 READ_PAIRING_ACCURACY = "read/pairing_accuracy"

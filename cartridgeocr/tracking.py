@@ -63,6 +63,14 @@ EVAL_GALLERY = "gallery.png"
 EVAL_REPORT = "report.json"
 #: File in the Hydra output folder that names the run's MLflow id.
 RUN_ID_FILE = "mlflow_run_id.txt"
+#: Tags that group a sweep or a search: every job's run carries the sweep's id and its number,
+#: and is nested under the sweep's parent run (MLflow's own parent tag).
+SWEEP_ID_TAG = "sweep_id"
+SWEEP_JOB_TAG = "sweep_job"
+SWEEP_KIND_TAG = "sweep_kind"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+#: Where `cartridgeocr-compare` puts its table and plot in the parent run.
+COMPARE_DIR = "compare"
 #: Git commit and dirty flag, package versions (see `cartridgeocr.provenance`), and the
 #: uncommitted changes of a dirty tree.
 PROVENANCE_FILE = "provenance.yaml"
@@ -175,13 +183,72 @@ def short_error(exc: BaseException) -> str:
 
 
 def default_run_name(cfg: DictConfig) -> str:
-    """A name that says what ran, e.g. ``yolov8n-synthetic-320`` or ``fasterrcnn-resnet50-coco-512``."""
+    """A name that says what ran, e.g. ``yolov8n-synthetic-320`` or ``fasterrcnn-resnet50-coco-512``;
+    a sweep's job adds its number (``-job3``), a search's trial its trial number (``-trial3``)."""
     model = cfg.model
     parts = [str(model.get("arch") or "model")]
     if "backbone" in model and model.backbone is not None:
         parts.append(str(model.backbone.get("name", "")).replace("_large", ""))
     parts += [str(cfg.data.get("name", "data")), str(cfg.data.get("image_size", ""))]
+    sweep = cfg.get("sweep") or {}
+    if sweep.get("job") is not None:
+        parts.append(f"{'trial' if sweep.get('kind') == 'search' else 'job'}{int(sweep.job)}")
     return "-".join(p for p in parts if p)
+
+
+def sweep_tags(cfg: DictConfig) -> dict[str, str]:
+    """A sweep job's grouping tags (none for a run outside a sweep)."""
+    sweep = cfg.get("sweep") or {}
+    tags = {}
+    if sweep.get("parent_run_id"):
+        tags[PARENT_RUN_TAG] = str(sweep.parent_run_id)
+    if sweep.get("id"):
+        tags[SWEEP_ID_TAG] = str(sweep.id)
+        tags[SWEEP_KIND_TAG] = str(sweep.get("kind") or "grid")
+    if sweep.get("job") is not None:
+        tags[SWEEP_JOB_TAG] = str(sweep.job)
+    return tags
+
+
+def experiment_id(
+    client: mlflow.MlflowClient, name: str, uri: str, artifact_location: str | None
+) -> str:
+    """The id of the experiment called ``name``, created (tagged for the training view) if new.
+
+    Safe when several processes create it at once: the loser of the race finds the winner's."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=default_artifact_location(uri, artifact_location),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except mlflow.exceptions.MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def create_parent_run(
+    cfg: DictConfig, name: str, tags: dict[str, str]
+) -> tuple[mlflow.MlflowClient, str]:
+    """Open the parent run of a sweep or a search in the store and experiment ``cfg`` names.
+    Returns (client, run id); its jobs' runs point at it with ``mlflow.parentRunId``."""
+    uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    prepare_store(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = experiment_id(
+        client, cfg.logger.experiment_name, uri, cfg.logger.get("artifact_location")
+    )
+    commit = git_commit(Path(__file__).resolve().parent)
+    run = client.create_run(
+        exp, run_name=name, tags={"git_commit": commit, "mlflow.source.git.commit": commit, **tags}
+    )
+    return client, run.info.run_id
 
 
 class ResumableMLFlowLogger(MLFlowLogger):
@@ -284,6 +351,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], backend: str) -> dict[str, s
         "mlflow.source.git.commit": commit,
         "overrides": " ".join(overrides) or "(none)",
         **({"pretrained_from": str(cfg.pretrained_from)} if cfg.get("pretrained_from") else {}),
+        **sweep_tags(cfg),
         **({PARENT_RUN_TAG: str(cfg.parent_run)} if cfg.get("parent_run") else {}),
         **(_fold_tag(cfg.data) if cfg.data.get("folds") else {}),
         **({"reproduces": str(cfg.reproduces)} if cfg.get("reproduces") else {}),

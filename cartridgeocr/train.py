@@ -35,19 +35,23 @@ def train(
     overrides: Sequence[str] = (),
     hydra_cfg: DictConfig | None = None,
     run_id: str | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the configured backend on the configured data. Returns (metrics, objects).
 
     ``overrides`` are the command-line overrides the config was composed from (recorded as the
     run's ``overrides`` tag and ``config/overrides.yaml``); ``hydra_cfg`` is Hydra's own config
     when called from the CLI (recorded as ``config/hydra.yaml``); ``run_id`` names an MLflow run
-    opened beforehand (`tracking.create_run`) to log into. Nothing is read from globals.
+    opened beforehand (`tracking.create_run`) to log into. ``callbacks`` are Lightning
+    callbacks that cannot be config entries because they hold live objects (a search's pruning
+    callback holds its Optuna trial); they run after the configured ones. Nothing is read from
+    globals.
     """
     # mlflow.set_tracking_uri (called inside Lightning's logger) writes $MLFLOW_TRACKING_URI;
     # restore it so a second train() in the same process resolves its own store.
     saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return _train(cfg, list(overrides), hydra_cfg, run_id)
+        return _train(cfg, list(overrides), hydra_cfg, run_id, list(callbacks))
     finally:
         if saved_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -56,7 +60,11 @@ def train(
 
 
 def _train(
-    cfg: DictConfig, overrides: list[str], hydra_cfg: DictConfig | None, run_id: str | None
+    cfg: DictConfig,
+    overrides: list[str],
+    hydra_cfg: DictConfig | None,
+    run_id: str | None,
+    extra_callbacks: list[L.Callback],
 ) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:  # 0 is a seed like any other
         L.seed_everything(int(cfg.seed), workers=True)
@@ -89,7 +97,7 @@ def _train(
         cfg.trainer,
         "trainer",
         logger=logger if logger is not None else False,
-        callbacks=[*callbacks.values(), *internal],
+        callbacks=[*callbacks.values(), *internal, *extra_callbacks],
         default_root_dir=str(output_dir),
         # Every epoch logs train/loss at least once, however short it is.
         log_every_n_steps=min(int(cfg.trainer.log_every_n_steps), steps_per_epoch(cfg, datamodule)),
@@ -152,6 +160,13 @@ def check_accelerator(trainer_cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator}: no CUDA GPU is available here; "
             "use trainer=cpu or trainer.accelerator=auto"
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if trainer_cfg.get("sync_batchnorm") and on_cpu:
+        # torch's SyncBatchNorm only runs on GPUs; on the CPU it fails in the first step.
+        raise ConfigError(
+            "trainer.sync_batchnorm=true: SyncBatchNorm needs GPUs; for DDP on CPU processes "
+            "(gloo) add trainer.sync_batchnorm=false"
         )
 
 

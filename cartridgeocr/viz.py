@@ -131,6 +131,39 @@ def plot_cv(
     return Path(path)
 
 
+def plot_map_vs_speed(
+    points: list[tuple[str, float | None, float | None, float | None, float | None]],
+    path: Path,
+    title: str = "",
+    metric: str = "val/map_50",
+) -> Path:
+    """Accuracy against speed, one point per configuration: (label, ms mean, ms std, mAP mean,
+    mAP std); error bars where several seeds ran, labels in the legend. Up and to the left is
+    better."""
+    points = [p for p in points if p[3] is not None]
+    fig, ax = plt.subplots(figsize=(8, 4.5 + 0.22 * len(points)), dpi=120)
+    markers = "osD^vP*Xh<>"
+    for i, (label, ms, ms_std, ap, ap_std) in enumerate(points):
+        ax.errorbar(
+            ms if ms is not None else float("nan"),
+            ap,
+            xerr=ms_std or 0,
+            yerr=ap_std or 0,
+            fmt=markers[i % len(markers)],
+            capsize=3,
+            label=label,
+        )
+    ax.set_xlabel("inference ms / image (batch 1)")
+    ax.set_ylabel(f"{metric} (best epoch)")
+    ax.set_title(f"{title}: accuracy vs speed" if title else "accuracy vs speed", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 # ---- reading: overlays with the read text, unrolled strips ---------------------------------------
 
 

@@ -247,7 +247,8 @@ def test_cli_multirun_sweep_records_one_run_per_job(tmp_path, tiny_coco):
     assert res.returncode == 0, res.stderr[-2000:]
     client = _client(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("cartridgeocr").experiment_id])
-    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # and one parent run
+    assert len(runs) == 3 and sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len(list((tmp_path / "multirun").glob("*/*/*/mlflow_run_id.txt"))) == 2
 

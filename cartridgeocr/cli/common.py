@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -20,6 +21,29 @@ def setup_environment() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Console logging is configured once, by Hydra (configs/hydra/default.yaml: job_logging).
+
+
+def configure_console_logging(level: int = logging.INFO) -> None:
+    """For the commands Hydra does not run (tune, compare): messages only, through rich, on
+    stderr; Lightning's per-run chatter (accelerator, hints) only when it is a warning."""
+    import lightning.pytorch  # noqa: F401  (it installs its own console handler on import: first)
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
+    else:  # a pipe or a file: one unwrapped line per message
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+        logger.setLevel(logging.WARNING)
+    for name in ("mlflow", "alembic", "faster_coco_eval", "PIL", "urllib3", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def one_line(exc: BaseException) -> str:

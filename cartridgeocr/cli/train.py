@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import traceback
 from pathlib import Path
 
 import hydra
@@ -12,7 +15,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.panel import Panel
 from rich.table import Table
 
-from cartridgeocr.cli.common import check_overrides, console, run_guarded, setup_environment
+from cartridgeocr.cli.common import (
+    check_overrides,
+    console,
+    one_line,
+    run_guarded,
+    setup_environment,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -115,23 +124,44 @@ class CreateTrackingStore(Callback):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
+    from hydra.types import RunMode
+
     from cartridgeocr.train import train_with_finetune
 
     def go():
         hydra_cfg = HydraConfig.get()
         run_cfg = resume_config(cfg) if cfg.get("resume") else cfg
-        metrics, objects = train_with_finetune(run_cfg, list(hydra_cfg.overrides.task), hydra_cfg)
+        # sweep.* overrides come from the sweeper (grouping), not from the user: not recorded.
+        overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("sweep.")]
+        metrics, objects = train_with_finetune(run_cfg, overrides, hydra_cfg)
         if run_cfg.get("summary", True):
             print_summary(run_cfg, metrics, objects)
         # The monitored metric is returned for Hydra sweepers.
         return metrics.get(run_cfg.monitor)
 
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # A sweep job's error must reach the sweeper (which records it and runs the other jobs),
+        # so it is logged as one line (the traceback goes to the job's folder) and raised.
+        try:
+            return go()
+        except Exception as exc:
+            logging.getLogger("cartridgeocr.train").error("error: %s", one_line(exc))
+            with contextlib.suppress(OSError):
+                out = Path(cfg.paths.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "traceback.txt").write_text(traceback.format_exc())
+            raise
     return run_guarded(go)
 
 
 def main() -> None:
+    import sys
+
+    from cartridgeocr.experiments.sweep import sweep_arguments
+
     setup_environment()
     check_overrides("train")
+    sys.argv[1:] = sweep_arguments(sys.argv[1:])
     _main()
 
 

@@ -151,6 +151,18 @@ def check_fold_args(folds: Any, fold: Any) -> None:
         raise ConfigError(f"data.fold={fold}: must be an integer in [0, {folds - 1}] (0-based)")
 
 
+def worker_start_method(num_workers: int) -> str | None:
+    """How data-loader workers start: Python's default, except inside a process that changed it
+    to one the DataLoader cannot use (a joblib/loky worker of `hydra/launcher=joblib` sets
+    ``loky``); there, the platform's own default."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method(allow_none=True)
+    if num_workers == 0 or method is None or method in multiprocessing.get_all_start_methods():
+        return None
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 class DetectionDataModule(L.LightningDataModule):
     """COCO instance file + image folder -> train/val loaders (the split is fixed by ``seed``)."""
 
@@ -263,6 +275,7 @@ class DetectionDataModule(L.LightningDataModule):
                 generator=torch.Generator().manual_seed(self.seed),
                 drop_last=drop_last,
                 pin_memory=torch.cuda.is_available(),
+                multiprocessing_context=worker_start_method(self.num_workers),
             )
 
     def train_dataloader(self) -> DataLoader:

@@ -55,3 +55,21 @@ def compose(
                 if isinstance(raw, str) and raw.startswith("${hydra:"):
                     cfg.paths[key] = value
     return cfg
+
+
+def group_choices(overrides: Sequence[str] = (), *, config_name: str = "train") -> dict[str, str]:
+    """The option each config group ends up with for these overrides, e.g. ``{"model": "yolo",
+    "optim": "yolo_sgd", ...}`` (``model/backbone`` too where the model has one); Hydra's own
+    groups and unset groups are left out."""
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(
+            config_name=config_name, overrides=list(overrides), return_hydra_config=True
+        )
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    return {
+        str(group): str(choice)
+        for group, choice in choices.items()
+        if choice is not None and group != "hydra" and not str(group).startswith("hydra/")
+    }
