@@ -615,6 +615,17 @@ def _worker_process(ctx: SearchContext, index: int, ready: Any) -> None:
     worker_loop(ctx, index, ready=ready)
 
 
+def _wait_for_workers(workers: Sequence[Any]) -> None:
+    """Until every (ready event, process) pair is ready or its process is gone: a worker that
+    is still importing must not find the study's trials all taken."""
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    for event, proc in workers:
+        while not event.wait(timeout=1.0):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                log.warning("search: worker %s is not ready; starting without it", proc.name)
+                break
+
+
 def worker_loop(
     ctx: SearchContext, index: int, ready: Any = None, wait_for: Sequence[Any] = ()
 ) -> None:
@@ -637,6 +648,9 @@ def worker_loop(
     with lock:
         n_so_far = len(load_study(search, storage).get_trials(deepcopy=False))
     study = load_study(search, storage, make_sampler(search, n_so_far, index), make_pruner(search))
+    if ready is not None:
+        ready.set()
+    _wait_for_workers(wait_for)
     failures = 0
     while True:
         with lock:
