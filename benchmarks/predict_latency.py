@@ -57,15 +57,11 @@ def untrained_fasterrcnn():
 
 
 def measure(name: str, model, photos: list[Path], repeats: int, ocr: str) -> dict:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    from cartridgeocr.experiments.compose import compose
     from cartridgeocr.predictor import Predictor
     from cartridgeocr.reading.pipeline import build_reader
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="predict", overrides=[f"ocr={ocr}", "input=x"])
+    cfg = compose([f"ocr={ocr}", "input=x"], config_name="predict", root_dir=ROOT)
     predictor = Predictor(model, batch_size=1, read_max_side=int(cfg.read_max_side))
     reader = build_reader(cfg, predictor)
     reader.read([photos[0]])  # warm-up: ONNX sessions, first-call allocations

@@ -18,26 +18,15 @@ import logging
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from cartridgeocr.experiments.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "real-headstamps"
 
 
 def compose_eval(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.cwd = str(ROOT)
-        cfg.hydra.runtime.output_dir = "/tmp"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    """The config `cartridgeocr-eval <overrides>` would run with, from the repository root."""
+    return compose(overrides, config_name="eval", root_dir=ROOT, output_dir="/tmp/reading-bench")
 
 
 def main() -> None:

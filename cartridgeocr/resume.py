@@ -26,10 +26,12 @@ from typing import Any
 from weakref import proxy
 
 import lightning as L
+import mlflow
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("cartridgeocr.resume")
@@ -236,6 +238,10 @@ class LastCheckpoint(ModelCheckpoint):
         if not _is_local_file_protocol(filepath):
             super()._save_checkpoint(trainer, filepath)
             return
+        # Metrics queued by `logger.synchronous=false` reach the store before the checkpoint does:
+        # a run killed later loses only steps that resuming from this checkpoint computes again.
+        if trainer.is_global_zero and any(isinstance(lg, MLFlowLogger) for lg in trainer.loggers):
+            mlflow.flush_async_logging()
         partial = f"{filepath}.partial"
         trainer.save_checkpoint(partial, self.save_weights_only)
         if trainer.is_global_zero:

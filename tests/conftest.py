@@ -135,6 +135,8 @@ def deterministic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "trainer.limit_train_batches=1.0",
             "trainer.deterministic=true",
             "callbacks.last_checkpoint.every_n_train_steps=3",
+            # Each step's metrics are in the store before the next step: the kill tests count them.
+            "logger.synchronous=true",
         ],
     )
     _, objects = train(compose(overrides, root_dir=root, output_dir=root / "reference"), overrides)

@@ -54,6 +54,14 @@ def compose(
                 raw = OmegaConf.to_container(cfg.paths, resolve=False).get(key)
                 if isinstance(raw, str) and raw.startswith("${hydra:"):
                     cfg.paths[key] = value
+    # predict.yaml and eval.yaml name their output folder at the top level.
+    raw = OmegaConf.to_container(cfg, resolve=False).get("output_dir")
+    if isinstance(raw, str) and raw.startswith("${hydra:"):
+        stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+        with open_dict(cfg):
+            cfg.output_dir = str(
+                Path(output_dir).resolve() if output_dir else root / "outputs" / stamp
+            )
     return cfg
 
 
