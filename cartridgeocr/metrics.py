@@ -56,6 +56,8 @@ VAL_F1 = "val/f1"
 TRAIN_EPOCH_IMAGES = "train/epoch_images"
 CV_EPOCHS = "cv/epochs"
 MODEL_PARAMS = "model/params"
+#: Wall-clock measurements: they depend on the machine and its load, so two runs never match.
+TIMING_PREFIX = "perf/"
 TRAIN_SECONDS = "perf/train_s"
 INFER_MS_PER_IMAGE = "perf/infer_ms_per_image"
 

@@ -84,7 +84,7 @@ def print_comparison(source, reproduction, tracking_uri: str) -> int:
     """The side-by-side table and a verdict line; returns how many metrics differ."""
     import mlflow
 
-    from cartridgeocr.experiments.reproduce import compare_histories, compare_metrics
+    from cartridgeocr.experiments.reproduce import compare_histories, compare_metrics, is_timing
 
     rows = compare_metrics(source.original_metrics, reproduction.metrics)
     original = f"run {source.run_id}" if source.in_store else str(source.checkpoint)
@@ -99,26 +99,35 @@ def print_comparison(source, reproduction, tracking_uri: str) -> int:
     table.add_column("reproduction", justify="right")
     table.add_column("", no_wrap=True)
     for name, a, b, equal in rows:
-        mark = (
-            "[green]equal[/]"
-            if equal
-            else f"[red]Δ {_fmt(b - a) if None not in (a, b) else '?'}[/]"
-        )
+        if equal is None:
+            mark = "[dim]timing, not compared[/]"
+        elif equal:
+            mark = "[green]equal[/]"
+        else:
+            mark = f"[red]Δ {_fmt(b - a) if None not in (a, b) else '?'}[/]"
         table.add_row(escape(name), _fmt(a), _fmt(b), mark)
     out.print(table)
-    differ = sum(1 for *_, equal in rows if not equal)
+    compared = [equal for *_, equal in rows if equal is not None]
+    timing = len(rows) - len(compared)
+    if timing:
+        out.print(
+            f"{timing} timing metric(s) (perf/*) shown, not compared: they measure the machine"
+        )
+    differ = sum(1 for equal in compared if not equal)
     if differ:
-        out.print(f"[bold red]{differ} of {len(rows)} metrics differ[/]")
+        out.print(f"[bold red]{differ} of {len(compared)} metrics differ[/]")
         if not source.deterministic:
             out.print(
                 "the original ran with trainer.deterministic=false: differences are expected; "
                 "on CPU with trainer.deterministic=true the runs are equal"
             )
     else:
-        out.print(f"[bold green]all {len(rows)} metrics equal[/]")
+        out.print(f"[bold green]all {len(compared)} metrics equal[/]")
     if source.in_store and source.run_id and reproduction.run_id:
         client = mlflow.MlflowClient(tracking_uri)
-        keys = sorted(set(source.original_metrics) & set(reproduction.metrics))
+        keys = sorted(
+            k for k in set(source.original_metrics) & set(reproduction.metrics) if not is_timing(k)
+        )
         bad, total = compare_histories(client, source.run_id, reproduction.run_id, keys)
         verdict = "identical" if not bad else f"{bad} of {total} points differ"
         out.print(f"metric histories (every logged step): {verdict} ({total} points)")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cartridgeocr import provenance, tracking
 from cartridgeocr.errors import ConfigError
+from cartridgeocr.metrics import TIMING_PREFIX
 
 #: Keys every CartridgeOCR training config has (a run whose config lacks them is something else).
 TRAINING_KEYS = ("model", "data", "trainer", "optim", "paths", "logger")
@@ -244,15 +245,21 @@ def reproduce(source: Source, cfg: DictConfig) -> Reproduction:
     return Reproduction(source, run_id, metrics, warnings)
 
 
+def is_timing(name: str) -> bool:
+    """A wall-clock metric (``perf/*``): shown, never expected to be equal."""
+    return name.startswith(TIMING_PREFIX)
+
+
 def compare_metrics(
     original: dict[str, float], reproduced: dict[str, float]
-) -> list[tuple[str, float | None, float | None, bool]]:
-    """Rows (metric, original, reproduced, equal), every metric of either run, sorted."""
+) -> list[tuple[str, float | None, float | None, bool | None]]:
+    """Rows (metric, original, reproduced, equal), every metric of either run, sorted; ``equal``
+    is None for timing metrics, which are not compared."""
     rows = []
     for name in sorted(set(original) | set(reproduced)):
         a, b = original.get(name), reproduced.get(name)
         equal = a is not None and b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
-        rows.append((name, a, b, equal))
+        rows.append((name, a, b, None if is_timing(name) else equal))
     return rows
 
 
