@@ -28,6 +28,7 @@ from cartridgeocr.metrics import (
 )
 
 CHECKPOINT_CLASS_KEY = "cartridgeocr_class"
+EPOCH_IMAGES_KEY = "cartridgeocr_epoch_images"
 
 
 class DetectorModule(L.LightningModule):
@@ -52,6 +53,9 @@ class DetectorModule(L.LightningModule):
         self.evaluator = DetectionEvaluator(self.with_masks, f1_score_threshold)
         #: Per validation batch: (targets, detections) on the CPU, read by the artifact callback.
         self.val_outputs: list[tuple[list[dict], list[Detections]]] = []
+        #: (epoch, images trained on so far in it), checkpointed so a run resumed mid-epoch still
+        #: reports the whole epoch's count.
+        self._epoch_images = (-1, 0)
 
     # ---- the backend interface -------------------------------------------------------------
     @abstractmethod
@@ -86,18 +90,15 @@ class DetectorModule(L.LightningModule):
         n = len(images)
         self.log(TRAIN_LOSS, total, prog_bar=True, batch_size=n)
         self.log_dict({train_component(k): v.detach() for k, v in losses.items()}, batch_size=n)
-        # Images this epoch trained on, summed over its batches (and processes): shows when a
-        # loader drops data, logged once per epoch.
-        self.log(
-            TRAIN_EPOCH_IMAGES,
-            float(n),
-            on_step=False,
-            on_epoch=True,
-            reduce_fx="sum",
-            sync_dist=True,
-            batch_size=1,
-        )
+        epoch, seen = self._epoch_images
+        self._epoch_images = (self.current_epoch, (seen if epoch == self.current_epoch else 0) + n)
         return total
+
+    def on_train_epoch_end(self) -> None:
+        # Images this epoch trained on (summed over processes): shows when a loader drops data.
+        epoch, seen = self._epoch_images
+        count = float(seen if epoch == self.current_epoch else 0)
+        self.log(TRAIN_EPOCH_IMAGES, count, reduce_fx="sum", sync_dist=True, batch_size=1)
 
     def on_validation_epoch_start(self) -> None:
         self.val_outputs = []
@@ -116,7 +117,11 @@ class DetectorModule(L.LightningModule):
         self.evaluator.reset()
         self.log_dict(metrics, sync_dist=False)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._epoch_images = tuple(checkpoint.get(EPOCH_IMAGES_KEY, (-1, 0)))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[EPOCH_IMAGES_KEY] = list(self._epoch_images)
         # Plain strings: `load_detector` finds the class without unpickling code.
         checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"
         # Lightning calls callbacks' hooks only for full checkpoints; a weights-only one (best.ckpt)

@@ -290,6 +290,7 @@ class YoloDetector(DetectorModule):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._ema_updates = int(checkpoint.get(EMA_KEY, {}).get("updates", 0))
         self._ema = None
         state = checkpoint.get("state_dict", {})
