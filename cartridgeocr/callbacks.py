@@ -11,14 +11,17 @@ import time
 from pathlib import Path
 
 import lightning as L
+import mlflow
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cartridgeocr import tracking
 from cartridgeocr.geometry import Letterbox
 from cartridgeocr.metrics import TRAIN_LOSS
 from cartridgeocr.predictor import unletterbox
+from cartridgeocr.resume import find_last_checkpoint
 from cartridgeocr.viz import draw_overlay, plot_losses
 
 log = logging.getLogger("cartridgeocr.callbacks")
@@ -99,15 +102,16 @@ class ValidationArtifacts(Callback):
 
 
 class MlflowCheckpoints(Callback):
-    """Uploads checkpoints/last.ckpt after each validation (so a killed run can resume from MLflow),
-    and at the end checkpoints/best.ckpt, checkpoints/last.ckpt, the backend's exports and
+    """Uploads checkpoints/last.ckpt each time it is rewritten (so a killed run can resume from
+    MLflow alone), and at the end checkpoints/best.ckpt, the backend's exports and
     plots/loss.png.
 
     The checkpoints are the trainer's two `ModelCheckpoint` callbacks: the one with a ``monitor``
     writes the best, the one without writes last.ckpt."""
 
-    def __init__(self, every_epoch: bool = True) -> None:
-        self.every_epoch = every_epoch
+    def __init__(self, upload_last: bool = True) -> None:
+        self.upload_last = upload_last
+        self._uploaded: tuple[int, int] | None = None  # (mtime, size) of the last upload
 
     @staticmethod
     def checkpoint_paths(trainer: L.Trainer) -> tuple[str | None, str | None]:
@@ -126,18 +130,43 @@ class MlflowCheckpoints(Callback):
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero or not source or not Path(source).is_file():
             return
+        if Path(source).name == name:  # already named as in the store: one copy, not two
+            logger.experiment.log_artifact(logger.run_id, str(source), tracking.CHECKPOINT_DIR)
+            return
         with tempfile.TemporaryDirectory() as tmp:
             dst = Path(tmp) / name
             shutil.copyfile(source, dst)
             logger.experiment.log_artifact(logger.run_id, str(dst), tracking.CHECKPOINT_DIR)
 
+    def _upload_last_if_new(self, trainer: L.Trainer) -> None:
+        path = self.checkpoint_paths(trainer)[1]
+        if not path or not Path(path).is_file():
+            return
+        stat = Path(path).stat()
+        if (stat.st_mtime_ns, stat.st_size) != self._uploaded:
+            self._upload(trainer, path, tracking.LAST_CKPT)
+            self._uploaded = (stat.st_mtime_ns, stat.st_size)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # A save every N steps happens after this hook (checkpoint callbacks run last): it is
+        # uploaded one step later, or at the epoch's end.
+        if self.upload_last:
+            self._upload_last_if_new(trainer)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Runs after validation, where the last-checkpoint callback has written this epoch's file.
-        if self.every_epoch:
-            self._upload(trainer, self.checkpoint_paths(trainer)[1], tracking.LAST_CKPT)
+        if self.upload_last:
+            self._upload_last_if_new(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Lightning marks the run FAILED; say why in its ``error`` tag."""
+        """SIGTERM: save and upload last.ckpt. Otherwise Lightning marks the run FAILED: say why
+        in its ``error`` tag."""
+        if isinstance(exception, SIGTERMException):
+            last = find_last_checkpoint(trainer)
+            if last is not None:  # it saves on SIGTERM itself, but only after this hook
+                last.on_exception(trainer, pl_module, exception)
+            self._upload_last_if_new(trainer)
+            return
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero:
             return
@@ -145,8 +174,8 @@ class MlflowCheckpoints(Callback):
         logger.experiment.set_tag(logger.run_id, "error", f"{type(exception).__name__}: {message}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        best, last = self.checkpoint_paths(trainer)
-        self._upload(trainer, last, tracking.LAST_CKPT)
+        best = self.checkpoint_paths(trainer)[0]
+        self._upload_last_if_new(trainer)
         self._upload(trainer, best, tracking.BEST_CKPT)
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero:
@@ -155,6 +184,7 @@ class MlflowCheckpoints(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             for path in pl_module.export_files(best, Path(tmp)):
                 client.log_artifact(run_id, str(path), tracking.EXPORT_DIR)
+        mlflow.flush_async_logging()  # metrics queued by `logger.synchronous=false`
         keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train/")]
         history = {
             k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys

@@ -271,22 +271,28 @@ def load_model(
         client.get_run(str(run_id))
     except Exception:
         raise ConfigError(f"run_id={run_id}: no such MLflow run in {uri}") from None
-    dst = Path(tempfile.mkdtemp(prefix="cartridgeocr-model-"))
-    try:
-        path = client.download_artifacts(
-            str(run_id), f"{tracking.CHECKPOINT_DIR}/{tracking.BEST_CKPT}", str(dst)
+    # The download is loaded into memory and deleted: nothing keeps the file.
+    with tempfile.TemporaryDirectory(prefix="cartridgeocr-model-") as dst:
+        try:
+            path = client.download_artifacts(
+                str(run_id), f"{tracking.CHECKPOINT_DIR}/{tracking.BEST_CKPT}", str(dst)
+            )
+        except Exception:
+            raise ConfigError(
+                f"run_id={run_id}: the run has no {tracking.CHECKPOINT_DIR}/{tracking.BEST_CKPT} "
+                "(still training, or not a training run?)"
+            ) from None
+        train_config = None
+        try:
+            cfg_path = client.download_artifacts(
+                str(run_id), f"{tracking.CONFIG_DIR}/config.yaml", str(dst)
+            )
+            train_config = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
+        except Exception:
+            log.warning("run %s has no saved %s/config.yaml", run_id, tracking.CONFIG_DIR)
+        return ModelSource(
+            load_detector(path),
+            f"runs:/{run_id}/{tracking.CHECKPOINT_DIR}/{tracking.BEST_CKPT}",
+            str(run_id),
+            train_config,
         )
-    except Exception:
-        raise ConfigError(
-            f"run_id={run_id}: the run has no {tracking.CHECKPOINT_DIR}/{tracking.BEST_CKPT} "
-            "(still training, or not a training run?)"
-        ) from None
-    train_config = None
-    try:
-        cfg_path = client.download_artifacts(
-            str(run_id), f"{tracking.CONFIG_DIR}/config.yaml", str(dst)
-        )
-        train_config = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
-    except Exception:
-        log.warning("run %s has no saved %s/config.yaml", run_id, tracking.CONFIG_DIR)
-    return ModelSource(load_detector(path), str(path), str(run_id), train_config)

@@ -20,11 +20,14 @@ import os
 import re
 import sqlite3
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Param
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
@@ -54,6 +57,12 @@ EVAL_GALLERY = "gallery.png"
 EVAL_REPORT = "report.json"
 #: File in the Hydra output folder that names the run's MLflow id.
 RUN_ID_FILE = "mlflow_run_id.txt"
+#: Git commit and dirty flag, package versions (see `cartridgeocr.provenance`), and the
+#: uncommitted changes of a dirty tree.
+PROVENANCE_FILE = "provenance.yaml"
+GIT_DIFF_FILE = "git.diff"
+#: Tag naming the run's local output folder (its checkpoints/last.ckpt is the freshest).
+OUTPUT_DIR_TAG = "output_dir"
 
 
 def predictions_name(epoch: int) -> str:
@@ -169,12 +178,45 @@ def default_run_name(cfg: DictConfig) -> str:
     return "-".join(p for p in parts if p)
 
 
+class ResumableMLFlowLogger(MLFlowLogger):
+    """`MLFlowLogger` that, continuing a run, never logs a metric at a step the run has already.
+
+    A killed run logged the steps between its last checkpoint and its death; resumed from that
+    checkpoint, it computes them again. They are dropped here, so every (metric, step) of the
+    run is recorded once and the step axis simply continues."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resuming = kwargs.get("run_id") is not None
+        self._logged_up_to: dict[str, int] | None = None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._resuming:
+            if self._logged_up_to is None:
+                self._logged_up_to = last_logged_steps(self.experiment, self.run_id)
+            at = step or 0
+            metrics = {k: v for k, v in metrics.items() if at > self._logged_up_to.get(k, -1)}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
+
+def last_logged_steps(client: mlflow.MlflowClient, run_id: str) -> dict[str, int]:
+    """{metric: the highest step logged} for a run (MLflow's latest value is the highest step)."""
+    data = client.get_run(run_id).data
+    latest = getattr(data, "_metric_objs", None)
+    if latest is not None:
+        return {m.key: int(m.step) for m in latest}
+    return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in data.metrics}
+
+
 def create_logger(
     cfg: DictConfig, run_id: str | None = None, tags: dict | None = None
 ) -> MLFlowLogger:
     uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
     prepare_store(uri)
-    return MLFlowLogger(
+    return ResumableMLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.get("run_name") or (None if run_id else default_run_name(cfg)),
         tracking_uri=uri,
@@ -182,6 +224,9 @@ def create_logger(
         artifact_location=default_artifact_location(uri, cfg.logger.get("artifact_location")),
         run_id=run_id,
         log_model=False,
+        # False: metrics are queued and written by MLflow's background thread, so a training step
+        # never waits on the store; the queue is drained before the run ends.
+        synchronous=cfg.logger.get("synchronous", True),
     )
 
 
@@ -211,6 +256,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], backend: str) -> dict[str, s
         "mlflow.source.git.commit": commit,
         "overrides": " ".join(overrides) or "(none)",
         **({"pretrained_from": str(cfg.pretrained_from)} if cfg.get("pretrained_from") else {}),
+        **({"reproduces": str(cfg.reproduces)} if cfg.get("reproduces") else {}),
     }
 
 

@@ -20,10 +20,12 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cartridgeocr import tracking
+from cartridgeocr import provenance, tracking
 from cartridgeocr.errors import ConfigError, user_errors
+from cartridgeocr.resume import ExactResume, checkpoint_step, continue_run, stop_on_sigterm
 
 log = logging.getLogger("cartridgeocr.train")
 
@@ -67,6 +69,9 @@ def _train(
         cfg.model, "model", optim=_plain(cfg.optim), f1_score_threshold=cfg.f1_score_threshold
     )
     callbacks = build_callbacks(cfg)
+    description = provenance.describe(cfg)
+    # Not config entries: every checkpoint must be resumable exactly and describe its run.
+    internal = [ExactResume(), provenance.Provenance(description)]
 
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
     ckpt_path, run_id = resume_point(cfg)
@@ -81,7 +86,7 @@ def _train(
         cfg.trainer,
         "trainer",
         logger=logger if logger is not None else False,
-        callbacks=list(callbacks.values()),
+        callbacks=[*callbacks.values(), *internal],
         default_root_dir=str(output_dir),
         # Every epoch logs train/loss at least once, however short it is.
         log_every_n_steps=min(int(cfg.trainer.log_every_n_steps), steps_per_epoch(cfg, datamodule)),
@@ -89,7 +94,14 @@ def _train(
     if logger is not None and rank_zero_only.rank == 0:  # other DDP ranks get no run id
         (output_dir / tracking.RUN_ID_FILE).write_text(logger.run_id + "\n")
         tracking.log_config(logger, cfg, overrides, hydra_cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        provenance.log_to_run(logger.experiment, logger.run_id, description)
+        logger.experiment.set_tag(logger.run_id, tracking.OUTPUT_DIR_TAG, str(output_dir))
+        if run_id is not None and ckpt_path is not None:
+            continue_run(logger.experiment, logger.run_id, checkpoint_step(ckpt_path))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        stop_on_sigterm(trainer, logger)  # raises SystemExit(143)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = callbacks.get("model_checkpoint")
@@ -104,6 +116,7 @@ def _train(
         "callbacks": callbacks,
         "checkpoint": best,
         "last_checkpoint": callbacks.get("last_checkpoint"),
+        "provenance": internal[1],
         "output_dir": output_dir,
     }
     return metrics, objects
@@ -190,14 +203,21 @@ def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
         return None, None
     run_id, local = resume_run(cfg)
     if local is not None:
+        checkpoint_step(local)  # a readable checkpoint, or one line that says what is wrong
         return str(local), run_id
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
     tracking.prepare_store(uri)
     client = mlflow.MlflowClient(uri)
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise ConfigError(f"resume={cfg.resume}: no such MLflow run in {uri}") from None
+    # The run's own folder, when still on this machine, holds the freshest last.ckpt (MLflow's
+    # copy can be a few steps older); use it if it is whole and belongs to this run.
+    folder = run.data.tags.get(tracking.OUTPUT_DIR_TAG)
+    local = Path(folder) / "checkpoints" / tracking.LAST_CKPT if folder else None
+    if local is not None and local.is_file() and _belongs_to(local, run_id):
+        return str(local), run_id
     dst = Path(tempfile.mkdtemp(prefix="cartridgeocr-resume-"))
     try:
         path = client.download_artifacts(
@@ -207,7 +227,15 @@ def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
         raise ConfigError(
             f"resume={cfg.resume}: run {run_id} has no {tracking.CHECKPOINT_DIR}/{tracking.LAST_CKPT}"
         ) from None
+    checkpoint_step(path)
     return path, run_id
+
+
+def _belongs_to(path: Path, run_id: str) -> bool:
+    try:
+        return provenance.read_checkpoint(path).get("run_id") == run_id
+    except ConfigError:
+        return False
 
 
 def train_with_finetune(

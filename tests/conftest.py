@@ -112,3 +112,36 @@ def tiny_train_overrides(ann: Path, images: Path, extra: list[str] | None = None
         *model_overrides,
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def deterministic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One finished, deterministic YOLO run (2 epochs of 4 steps, strong augmentation, last.ckpt
+    every 3 steps) that the resume and reproduce tests compare their runs with."""
+    from cartridgeocr.train import train
+
+    root = tmp_path_factory.mktemp("deterministic")
+    ann, images = write_tiny_coco(root / "data", num_images=10)
+    overrides = tiny_train_overrides(
+        ann,
+        images,
+        [
+            "model=yolo",
+            "optim=yolo_sgd",
+            "data.image_size=64",
+            "data.val_fraction=0.2",
+            "augment=strong",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=1.0",
+            "trainer.deterministic=true",
+            "callbacks.last_checkpoint.every_n_train_steps=3",
+        ],
+    )
+    _, objects = train(compose(overrides, root_dir=root, output_dir=root / "reference"), overrides)
+    assert objects["trainer"].global_step == 8  # 4 steps per epoch, 2 epochs
+    return {
+        "root": root,
+        "overrides": overrides,
+        "run_id": objects["run_id"],
+        "output_dir": objects["output_dir"],
+    }

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from cartridgeocr.data.transforms import (
     DEFAULTS,
     apply_transforms,
+    boxes_move_exactly,
     build_transforms,
     masks_to_boxes,
 )
@@ -95,12 +96,37 @@ def test_validation_is_resize_and_top_left_pad_only() -> None:
     mask = np.zeros((100, 200), np.uint8)
     mask[20:60, 40:120] = 1
     tf = build_transforms(_preset("strong"), 100, train=False)
-    img, masks, boxes, labels = apply_transforms(tf, image, [mask], [[40, 20, 120, 60]], [1])
+    box = [39.5, 19.5, 119.5, 59.5]  # the mask's extent (pixel centres at integers)
+    img, masks, boxes, labels = apply_transforms(tf, image, [mask], [box], [1])
     assert img.shape == (100, 100, 3)
     assert (img[:50] == 200).all() and (img[50:] == 0).all()  # content top-left, zero padding
-    # A single scale of 0.5; boxes are the extents of the mask pixels (centres at integers).
-    np.testing.assert_allclose(boxes[0], [19.5, 9.5, 59.5, 29.5])
+    # A single scale of 0.5 about the origin; the labelled box moves exactly with the image.
+    np.testing.assert_allclose(boxes[0], np.array(box) * 0.5)
     assert masks[0].sum() == 40 * 20 and labels.tolist() == [1]
+
+
+def test_labelled_boxes_stay_exact_without_rotation() -> None:
+    """Resize, pad and flips move the labelled box exactly, sub-pixel; masks rasterised from a
+    small polygon would round it to whole pixels (a 10 px primer loses up to 0.4 of its IoU)."""
+    image = np.zeros((80, 160, 3), np.uint8)
+    mask = np.zeros((80, 160), np.uint8)
+    mask[20:31, 40:51] = 1  # the rasterised disc: whole pixels
+    box = [40.3, 20.6, 50.7, 30.2]
+    cases = [  # (augment config, training pipeline, flipped, shift down by the centring pad)
+        (_preset("strong"), False, False, 0),
+        (_preset("none"), True, False, 0),
+        ({"hflip_p": 1.0}, True, True, 20),
+    ]
+    for cfg, train, flipped, dy in cases:
+        tf = build_transforms(cfg, 80, train=train)
+        assert boxes_move_exactly(tf)
+        _, masks, boxes, _ = apply_transforms(tf, image, [mask], [box], [2])
+        expected = np.array(box) * 0.5 + [0, dy, 0, dy]
+        if flipped:  # about the vertical centre line of the 80 px output
+            expected[[0, 2]] = 80 - expected[[2, 0]]
+        np.testing.assert_allclose(boxes[0], expected, rtol=1e-5)
+        assert masks[0].any()
+    assert not boxes_move_exactly(build_transforms(_preset("strong"), 80, train=True))
 
 
 def test_90_degree_rotation_moves_masks_and_boxes_together() -> None:
@@ -148,7 +174,7 @@ def test_dropped_objects_drop_their_masks() -> None:
     right = np.zeros((64, 64), np.uint8)
     right[30:50, 40:60] = 1
     img, masks, boxes, labels = apply_transforms(
-        tf, image, [left, right], [[2, 10, 12, 20], [40, 30, 60, 50]], [1, 2]
+        tf, image, [left, right], [[1.5, 9.5, 11.5, 19.5], [39.5, 29.5, 59.5, 49.5]], [1, 2]
     )
     assert labels.tolist() == [2] and len(masks) == 1
     np.testing.assert_allclose(boxes[0], [9.5, 29.5, 29.5, 49.5])  # pixels 10..29, 30..49

@@ -68,6 +68,8 @@ def test_configs_compose_without_backbone(tmp_path: Path) -> None:
         assert cfg.model.task == target_task and cfg.model.image_size == 96
         assert run_tags(cfg, [], "yolo")["backbone"] == "yolov8n"
         assert cfg.optim.lr == 0.01
+        settings = Path(cfg.model.settings_dir)
+        assert settings.is_absolute() and settings.parent == Path(cfg.paths.cache_dir)
 
 
 # ---- loss and inference --------------------------------------------------------------------------
@@ -91,6 +93,36 @@ def test_overfit_one_batch(task: str) -> None:
     assert sum(history[-1].values()) < 0.5 * sum(history[0].values())
     if task == "segment":
         assert history[-1]["seg"] < history[0]["seg"]
+
+
+def test_loss_is_what_ultralytics_trainer_backpropagates() -> None:
+    """The same batch in Ultralytics' own label format (class = id - 1, normalised cx cy w h,
+    image index per row) gives the same loss through its `DetectionModel.loss`, and our total
+    is its ``loss.sum()`` (components x batch size), which is what both clip at norm 10. The
+    network keeps Ultralytics' BatchNorm settings (eps 1e-3, momentum 0.03)."""
+    torch.manual_seed(0)
+    model = YoloDetector(image_size=S).train()
+    images, targets = disc_batch()
+    ours = model.loss(images, targets)
+    rows = [  # (image, class, cx, cy, w, h) of `disc_sample(30, 34, 18)` and `(36, 28, 14)`
+        (0, 0, 30, 34, 36, 36),
+        (0, 1, 30, 34, 14.4, 14.4),
+        (1, 0, 36, 28, 28, 28),
+        (1, 1, 36, 28, 11.2, 11.2),
+    ]
+    t = torch.tensor(rows, dtype=torch.float32)
+    batch = {
+        "img": torch.stack(images),
+        "batch_idx": t[:, 0],
+        "cls": t[:, 1:2],
+        "bboxes": t[:, 2:] / S,
+    }
+    theirs, items = model.net.loss(batch)
+    torch.testing.assert_close(torch.stack(list(ours.values())), theirs)
+    torch.testing.assert_close(sum(ours.values()), theirs.sum())
+    torch.testing.assert_close(theirs, torch.stack(list(items.values())) * len(images))
+    norms = [m for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-3 and m.momentum == 0.03 for m in norms)
 
 
 @pytest.mark.parametrize("task", ["detect", "segment"])
@@ -158,6 +190,25 @@ def test_checkpoint_reload_gives_same_predictions(trained: dict) -> None:
         torch.testing.assert_close(a.scores, b.scores)
 
 
+def test_best_checkpoint_holds_only_the_ema_weights(trained: dict) -> None:
+    """best.ckpt is for use: no optimiser state and only the EMA weights (a third of last.ckpt
+    with SGD, a quarter with AdamW; last.ckpt keeps what a resume needs); `load_detector` reads it."""
+    from cartridgeocr.models.base import load_detector
+
+    best_path = trained["checkpoint"].best_model_path
+    last_path = trained["last_checkpoint"].best_model_path
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    last = torch.load(last_path, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in best and last["optimizer_states"]
+    assert not any(k.startswith("net.") for k in best["state_dict"])
+    assert any(k.startswith("net.") for k in last["state_dict"])
+    assert Path(best_path).stat().st_size < 0.4 * Path(last_path).stat().st_size  # SGD: a third
+    model = load_detector(best_path)
+    for name, tensor in model.state_dict().items():
+        ema_name = name if name.startswith("ema_net.") else name.replace("net.", "ema_net.", 1)
+        torch.testing.assert_close(tensor, best["state_dict"][ema_name])
+
+
 def test_exported_best_pt_loads_in_ultralytics(trained: dict) -> None:
     from ultralytics import YOLO
 
@@ -211,6 +262,7 @@ import torch
 torch.set_num_threads(3)
 from pathlib import Path
 from cartridgeocr.models.yolo import YoloDetector
+model = YoloDetector(image_size=64, task="segment", settings_dir=".cache/ultralytics").train()
 assert torch.get_num_threads() == 3, torch.get_num_threads()
 assert "OMP_NUM_THREADS" not in os.environ
 from ultralytics.utils import USER_CONFIG_DIR
@@ -219,7 +271,6 @@ assert (Path(USER_CONFIG_DIR) / "Arial.ttf").is_file()
 sys.path.insert(0, sys.argv[1])
 from test_yolo import disc_batch
 images, targets = disc_batch()
-model = YoloDetector(image_size=64, task="segment").train()
 opt = torch.optim.SGD(model.net.parameters(), lr=0.01)
 for _ in range(2):
     loss = sum(model.loss(images, targets).values())

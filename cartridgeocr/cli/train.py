@@ -58,7 +58,16 @@ def resume_config(cfg: DictConfig) -> DictConfig:
 
     run_id, _ = resume_run(cfg)
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if store is not None and not store.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such output folder, and no store at {uri}")
     tracking.prepare_store(uri)
+    try:
+        mlflow.MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(
+            f"resume={cfg.resume}: no such output folder or MLflow run in {uri}"
+        ) from None
     try:
         text = mlflow.MlflowClient(uri).download_artifacts(
             run_id, f"{tracking.CONFIG_DIR}/config.yaml"

@@ -9,15 +9,19 @@ and ``orig_size`` (original width, height).
 from __future__ import annotations
 
 import logging
+import random
+import warnings
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cartridgeocr.data.coco import CocoIndex, ImageRecord, load_coco
 from cartridgeocr.data.images import decode_image
+from cartridgeocr.data.sampling import SeededSampler
 from cartridgeocr.data.transforms import apply_transforms, augment_params, build_transforms
 from cartridgeocr.errors import ConfigError
 from cartridgeocr.geometry import rasterize_polygons
@@ -26,7 +30,10 @@ log = logging.getLogger("cartridgeocr.data")
 
 
 class DetectionDataset(Dataset):
-    """Decodes, rasterises polygons to masks and applies the augmentation pipeline."""
+    """Decodes, rasterises polygons to masks and applies the augmentation pipeline.
+
+    An item is an index, or ``(index, seed)`` from `SeededSampler`: the seed fixes this image's
+    augmentation, whichever process decodes it and whenever."""
 
     def __init__(self, records: list[ImageRecord], image_size: int, transforms) -> None:
         self.records = records
@@ -36,7 +43,11 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            # One generator pair shared by every transform: a tenth of set_random_seed's cost.
+            self.transforms.set_random_state(np.random.default_rng(seed), random.Random(seed))
         rec = self.records[i]
         image, scale = decode_image(rec.path, max_side=self.image_size)
         h, w = image.shape[:2]
@@ -134,6 +145,8 @@ class DetectionDataModule(L.LightningDataModule):
         self.verify_images = verify_images
         self.skip_bad_images = skip_bad_images
         self.seed = 0 if seed is None else int(seed)
+        #: Seed of the training order and augmentation (None: a fresh one, kept across a resume).
+        self.run_seed = None if seed is None else int(seed)
         self.augment = dict(augment or {"name": "none"})
         augment_params(self.augment)  # typos and bad values fail now, naming the key
         self.name = name
@@ -169,18 +182,25 @@ class DetectionDataModule(L.LightningDataModule):
         log.info("data %s: %d train / %d val images", self.name, len(train), len(val))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
-            drop_last=shuffle and len(dataset) > self.batch_size,
-            pin_memory=torch.cuda.is_available(),
-        )
+        """Training: a `StatefulDataLoader` over a `SeededSampler`, whose position Lightning saves
+        in every checkpoint, so a run resumed mid-epoch continues with the same batches."""
+        cls = StatefulDataLoader if shuffle else DataLoader
+        sampler = SeededSampler(len(dataset), self.run_seed, **_replicas()) if shuffle else None
+        with warnings.catch_warnings():  # torchdata 0.11 calls an API torch 2.14 deprecates
+            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+            return cls(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+                persistent_workers=self.num_workers > 0,
+                # Worker seeds come from this generator, not from the global one training draws from.
+                generator=torch.Generator().manual_seed(self.seed),
+                # A short last training batch skews batch-norm statistics and batch-size-scaled losses.
+                drop_last=shuffle and len(dataset) > self.batch_size,
+                pin_memory=torch.cuda.is_available(),
+            )
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_set:
@@ -191,6 +211,14 @@ class DetectionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+
+def _replicas() -> dict[str, int]:
+    """This process's place among DDP processes (the training sampler shards itself)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return {"num_replicas": dist.get_world_size(), "rank": dist.get_rank()}
+    return {}
 
 
 class SyntheticDataModule(DetectionDataModule):

@@ -7,7 +7,9 @@ that rotations by any angle (headstamps have no "up") do not cut off the long si
 
 Masks follow every geometric transform exactly (nearest-neighbour, zero fill). Albumentations
 drops boxes that leave the frame but not their masks, so use `apply_transforms`, which keeps
-image, masks, boxes and labels aligned and re-derives boxes from the masks.
+image, masks, boxes and labels aligned. Boxes stay the labelled boxes, moved by the same
+scale, shift, flip and padding as the image (exact, sub-pixel); only a pipeline that can rotate,
+shear or tilt re-derives them from the transformed masks, whose extent is then the tight box.
 """
 
 from __future__ import annotations
@@ -244,6 +246,34 @@ def build_transforms(augment_cfg: Any, image_size: int, train: bool) -> A.Compos
     )
 
 
+#: Geometric transforms under which a box moves exactly with the image (no rotation or tilt).
+EXACT_BOX_TRANSFORMS = (
+    A.LongestMaxSize,
+    A.SmallestMaxSize,
+    A.Resize,
+    A.PadIfNeeded,
+    A.HorizontalFlip,
+    A.VerticalFlip,
+)
+
+
+def boxes_move_exactly(tf: A.BaseCompose) -> bool:
+    """Whether every geometric transform of ``tf`` moves an axis-aligned box to the axis-aligned
+    box of the moved object (scale, shift, flip, pad), so the labelled box stays exact; false when
+    one may rotate, shear or tilt it, and the transformed mask gives the tighter box."""
+    for t in tf.transforms:
+        if isinstance(t, A.BaseCompose):
+            if not boxes_move_exactly(t):
+                return False
+        elif isinstance(t, A.Affine):
+            shear = getattr(t, "shear", {}) or {}
+            if any(v != 0 for v in t.rotate) or any(v != 0 for r in shear.values() for v in r):
+                return False
+        elif isinstance(t, A.DualTransform) and not isinstance(t, EXACT_BOX_TRANSFORMS):
+            return False
+    return True
+
+
 def apply_transforms(
     tf: A.Compose,
     image: np.ndarray,
@@ -254,8 +284,10 @@ def apply_transforms(
     """Run `tf` and keep objects aligned: returns (image, masks, boxes, labels).
 
     The object's index travels in `labels`, so whatever albumentations drops is dropped from
-    masks too. With masks, boxes are re-derived from them and objects whose mask vanished are
-    removed. Outputs: masks (K, S, S) uint8 or None, boxes (K, 4) float32, labels (K,) int64.
+    masks too, and objects whose mask vanished are removed. Boxes are the labelled boxes moved
+    exactly with the image, or, when ``tf`` can rotate, shear or tilt (`boxes_move_exactly`),
+    the extents of the transformed masks. Outputs: masks (K, S, S) uint8 or None, boxes (K, 4)
+    float32, labels (K,) int64.
     """
     labels = [int(v) for v in labels]
     n = len(labels)
@@ -278,4 +310,5 @@ def apply_transforms(
     out_masks = np.stack([np.asarray(out["masks"][i], dtype=np.uint8) for i in keep])
     alive = out_masks.reshape(len(keep), -1).any(axis=1)
     out_masks = out_masks[alive]
-    return img, out_masks, masks_to_boxes(out_masks), out_labels[alive]
+    boxes_out = out_boxes[alive] if boxes_move_exactly(tf) else masks_to_boxes(out_masks)
+    return img, out_masks, boxes_out, out_labels[alive]

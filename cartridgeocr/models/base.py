@@ -96,6 +96,15 @@ class DetectorModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings: `load_detector` finds the class without unpickling code.
         checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"
+        # Lightning calls callbacks' hooks only for full checkpoints; a weights-only one (best.ckpt)
+        # must describe its run too.
+        from cartridgeocr.provenance import CHECKPOINT_KEY, Provenance
+
+        trainer = self._trainer
+        if trainer is not None and CHECKPOINT_KEY not in checkpoint:
+            for callback in trainer.callbacks:
+                if isinstance(callback, Provenance):
+                    callback.on_save_checkpoint(trainer, self, checkpoint)
 
     def configure_optimizers(self) -> Any:
         return build_optimizer(
@@ -144,21 +153,33 @@ def validate_optim(cfg: dict) -> dict:
     return cfg
 
 
-def build_optimizer(cfg: dict, params: list[nn.Parameter], trainer: L.Trainer | None) -> dict:
-    """SGD+StepLR or AdamW+cosine from the `optim` config, with an optional linear warm-up."""
+def build_optimizer(cfg: dict, params: list, trainer: L.Trainer | None) -> dict:
+    """SGD or AdamW with a per-step schedule (step, cosine or linear) after a linear warm-up, from
+    the `optim` config.
+
+    ``params`` is a list of tensors or of param-group dicts; a group with ``param_group: bias``
+    gets the bias warm-up. Keys beyond the basics reproduce Ultralytics' recipe for YOLO:
+    ``nesterov``; ``nbs`` (nominal batch size: weight decay is given per ``nbs`` images and scaled
+    by the images of one optimiser step, ``batch * devices * accumulate / nbs``); and in
+    ``scheduler``, ``warmup_epochs`` (instead of ``warmup_steps``), ``warmup_bias_lr`` (the bias
+    group's lr falls from it to the scheduled lr) and ``warmup_momentum`` (SGD momentum rises
+    from it to ``momentum``).
+    """
     name = cfg.get("name", "sgd")
+    scale = weight_decay_scale(cfg, trainer)
     if name == "sgd":
         opt = torch.optim.SGD(
             params,
             lr=cfg["lr"],
             momentum=cfg.get("momentum", 0.9),
-            weight_decay=cfg.get("weight_decay", 0.0),
+            weight_decay=cfg.get("weight_decay", 0.0) * scale,
+            nesterov=bool(cfg.get("nesterov", False)),
         )
     elif name == "adamw":
         opt = torch.optim.AdamW(
             params,
             lr=cfg["lr"],
-            weight_decay=cfg.get("weight_decay", 0.01),
+            weight_decay=cfg.get("weight_decay", 0.01) * scale,
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
         )
     else:
@@ -171,28 +192,100 @@ def build_optimizer(cfg: dict, params: list[nn.Parameter], trainer: L.Trainer | 
     steps_per_epoch = (
         max(1, total_steps // max(1, trainer.max_epochs)) if trainer and trainer.max_epochs else 1
     )
-    warmup = int(sched.get("warmup_steps", 0))
+    if sched.get("warmup_epochs") is not None:
+        # Ultralytics' rule: leave at least the last epoch out of the warm-up.
+        epochs = trainer.max_epochs if trainer and trainer.max_epochs else 1
+        warmup = round(min(float(sched["warmup_epochs"]), max(epochs - 1, 0)) * steps_per_epoch)
+    else:
+        warmup = int(sched.get("warmup_steps", 0))
     kind = sched.get("name", "none")
 
     def factor(step: int) -> float:
-        f = 1.0
+        """The schedule's lr multiplier at ``step``, before the warm-up."""
         if kind == "step":
-            f = sched.get("gamma", 0.1) ** (
+            return sched.get("gamma", 0.1) ** (
                 (step // steps_per_epoch) // max(1, sched.get("step_size", 3))
             )
-        elif kind == "cosine":
+        if kind == "cosine":
             floor = sched.get("eta_min_ratio", 0.01)
             progress = min(1.0, step / max(1, total_steps))
-            f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        elif kind == "linear":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
             floor = sched.get("eta_min_ratio", 0.01)
-            f = 1.0 - (1.0 - floor) * min(1.0, step / max(1, total_steps))
-        if warmup and step < warmup:
-            f *= 0.001 + (1 - 0.001) * step / warmup
-        return f
+            return 1.0 - (1.0 - floor) * min(1.0, step / max(1, total_steps))
+        return 1.0
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    scheduler = WarmupLR(
+        opt,
+        factor,
+        warmup,
+        warmup_bias_lr=sched.get("warmup_bias_lr"),
+        warmup_momentum=sched.get("warmup_momentum"),
+    )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def weight_decay_scale(cfg: dict, trainer: L.Trainer | None) -> float:
+    """``images per optimiser step / nbs`` when ``nbs`` is set (Ultralytics' weight-decay rule),
+    else 1. Without a trainer that knows its batch size, 1."""
+    nbs = cfg.get("nbs")
+    if not nbs:
+        return 1.0
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    batch_size = getattr(datamodule, "batch_size", None)
+    if not batch_size:
+        return 1.0
+    per_step = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    return per_step / float(nbs)
+
+
+class WarmupLR(torch.optim.lr_scheduler.LambdaLR):
+    """Each group's lr is its initial lr times ``factor(step)``, after a linear warm-up over
+    ``warmup`` steps, as Ultralytics warms YOLO up: the lr rises from 0.1% of its scheduled value,
+    except in the group named ``bias`` when ``warmup_bias_lr`` is set, where it falls from that
+    value; with ``warmup_momentum``, SGD momentum rises from it to the group's momentum."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        factor: Any,
+        warmup: int,
+        warmup_bias_lr: float | None = None,
+        warmup_momentum: float | None = None,
+    ) -> None:
+        self.warmup = int(warmup)
+        self.warmup_momentum = warmup_momentum
+        self.final_momentum = [g.get("momentum") for g in optimizer.param_groups]
+
+        def group_factor(group: dict) -> Any:
+            lr = group.get("initial_lr", group["lr"])
+            bias_start = (
+                warmup_bias_lr / lr
+                if warmup_bias_lr is not None and group.get("param_group") == "bias" and lr
+                else None
+            )
+
+            def f(step: int) -> float:
+                scheduled = factor(step)
+                if step >= self.warmup:
+                    return scheduled
+                t = step / self.warmup
+                if bias_start is not None:
+                    return bias_start + (scheduled - bias_start) * t
+                return scheduled * (0.001 + 0.999 * t)
+
+            return f
+
+        super().__init__(optimizer, [group_factor(g) for g in optimizer.param_groups])
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        if self.warmup_momentum is None:
+            return
+        t = min(1.0, self.last_epoch / self.warmup) if self.warmup else 1.0
+        for group, final in zip(self.optimizer.param_groups, self.final_momentum):
+            if final is not None and "momentum" in group:
+                group["momentum"] = self.warmup_momentum + (final - self.warmup_momentum) * t
 
 
 def _total_steps(trainer: L.Trainer | None) -> int:

@@ -1,17 +1,23 @@
 """Import Ultralytics so that it never touches the network, the user's home or the thread count.
 
 Ultralytics decides at import time whether it is online, where its settings file lives and
-whether it may pip-install missing packages, and it sets ``OMP_NUM_THREADS=1``. Later it fetches
+whether it may pip-install missing packages; it sets ``OMP_NUM_THREADS=1``, patches
+``PIL.Image.open`` and prints a banner when it creates its settings file. Later it fetches
 Arial.ttf for plots when the font is missing. `setup_ultralytics` fixes all of that once, before
-the first ``import ultralytics`` of the process.
+the first ``import ultralytics`` of the process. Nothing in this package imports Ultralytics at
+module level: only building a YOLO model calls `setup_ultralytics`, so importing any module has
+no side effects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,23 +32,37 @@ FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
 
 
 def default_config_dir() -> Path:
-    """``$YOLO_CONFIG_DIR`` when set, else ``<cwd>/.cache/ultralytics`` (next to the data cache)."""
-    return Path(os.environ.get("YOLO_CONFIG_DIR") or Path.cwd() / ".cache" / "ultralytics")
+    """Where the settings go when the caller names no folder: ``$YOLO_CONFIG_DIR`` when set, else
+    a private folder in the temporary directory (never the current folder or the user's home).
+    Training runs name one: ``model.settings_dir``, under ``paths.cache_dir``."""
+    if os.environ.get("YOLO_CONFIG_DIR"):
+        return Path(os.environ["YOLO_CONFIG_DIR"])
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"cartridgeocr-ultralytics-{uid}"
 
 
 def setup_ultralytics(config_dir: str | Path | None = None) -> Path:
-    """Offline, project-local Ultralytics; returns its settings folder. Safe to call repeatedly.
+    """Offline Ultralytics with its settings in ``config_dir`` (made absolute); returns the
+    settings folder. Safe to call repeatedly; the first call of a process picks the folder.
 
     Call before the first ``import ultralytics``: the environment variables only count at import.
     """
     if "ultralytics" not in sys.modules:
-        folder = Path(config_dir) if config_dir else default_config_dir()
+        folder = (Path(config_dir) if config_dir else default_config_dir()).expanduser().resolve()
         folder.mkdir(parents=True, exist_ok=True)
         os.environ["YOLO_OFFLINE"] = "1"  # is_online() -> False: no downloads, no analytics
         os.environ["YOLO_AUTOINSTALL"] = "false"  # never pip-install a "missing" requirement
-        os.environ["YOLO_CONFIG_DIR"] = str(folder.resolve())
+        os.environ["YOLO_CONFIG_DIR"] = str(folder)
         threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-        import ultralytics.utils  # noqa: F401  (the import that reads the variables above)
+        banner = io.StringIO()
+        with contextlib.redirect_stdout(banner):  # "Creating new Ultralytics Settings ..."
+            import ultralytics.utils  # noqa: F401  (the import that reads the variables above)
+        # Its log handler was created on the redirected stream: point it back at stdout.
+        for handler in logging.getLogger("ultralytics").handlers:
+            if getattr(handler, "stream", None) is banner:
+                handler.setStream(sys.stdout)
+        if banner.getvalue().strip():
+            log.debug("ultralytics at import: %s", banner.getvalue().strip())
 
         torch.set_num_threads(threads)
         if omp is None:  # Ultralytics sets OMP_NUM_THREADS=1 for every process started later

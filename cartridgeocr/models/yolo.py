@@ -11,9 +11,11 @@ batch. `loss` returns those same batch-size-scaled components, so ``train/loss``
 what Ultralytics backpropagates; divide by ``data.batch_size`` to compare it with the per-image
 ``box_loss``/``cls_loss``/``dfl_loss`` that Ultralytics prints. The default SGD learning rate of
 0.01 (``optim=yolo_sgd``) assumes this scaling.
+
+Ultralytics is imported only when a model is built (`setup_ultralytics` first, with the settings
+folder the constructor is given): importing this module has no side effects.
 """
 
-# ruff: noqa: E402  (Ultralytics must be set up before it is first imported)
 from __future__ import annotations
 
 import logging
@@ -21,32 +23,21 @@ import re
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from cartridgeocr.models.offline import setup_ultralytics
-
-setup_ultralytics()
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import ultralytics
 from torch import Tensor, nn
 from torchvision.ops import box_convert
-from ultralytics.cfg import get_cfg
-from ultralytics.nn.tasks import (
-    DetectionModel,
-    SegmentationModel,
-    load_checkpoint,
-    yaml_model_load,
-)
-from ultralytics.utils import ops
-from ultralytics.utils.nms import non_max_suppression
-from ultralytics.utils.torch_utils import ModelEMA, intersect_dicts
 
 from cartridgeocr.categories import CATEGORY_NAMES
 from cartridgeocr.detections import Detections
 from cartridgeocr.errors import ConfigError
 from cartridgeocr.models.base import DetectorModule, build_optimizer
+from cartridgeocr.models.offline import setup_ultralytics
+
+if TYPE_CHECKING:
+    from ultralytics.utils.torch_utils import ModelEMA
 
 log = logging.getLogger("cartridgeocr.models.yolo")
 
@@ -85,6 +76,7 @@ class YoloDetector(DetectorModule):
         weights_path: str | None = None,
         optim: dict | None = None,
         f1_score_threshold: float = 0.5,
+        settings_dir: str | None = None,
     ) -> None:
         if not ARCH_PATTERN.fullmatch(str(arch)):
             raise ConfigError(
@@ -106,6 +98,8 @@ class YoloDetector(DetectorModule):
         self.max_det = int(max_det)
         self.ema_decay = float(ema_decay)
         self.ema_tau = float(ema_tau)
+        # Ultralytics, offline, with its settings in `settings_dir`; imported here, not at import.
+        setup_ultralytics(settings_dir)
         super().__init__(optim, f1_score_threshold, image_size, weights_path=None)
         if weights_path:
             self.load_start_weights(weights_path)
@@ -115,7 +109,8 @@ class YoloDetector(DetectorModule):
         self._ema: ModelEMA | None = None  # the updater, created at the first optimizer step
         self._ema_updates = 0
         self._criterion: Any = None
-        self.save_hyperparameters()
+        # settings_dir is where this machine keeps Ultralytics' settings, not part of the model.
+        self.save_hyperparameters(ignore=["settings_dir"])
 
     # ---- build ---------------------------------------------------------------------------------
     def ultralytics_args(self) -> dict[str, Any]:
@@ -137,6 +132,9 @@ class YoloDetector(DetectorModule):
         return f"{self.arch}-seg.yaml" if self.with_masks else f"{self.arch}.yaml"
 
     def build(self) -> nn.Module:
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel, SegmentationModel, yaml_model_load
+
         model_cls = SegmentationModel if self.with_masks else DetectionModel
         # The packaged yaml (scale read off the name), nc set first so Ultralytics logs no override.
         spec = yaml_model_load(self.yaml_name())
@@ -149,6 +147,8 @@ class YoloDetector(DetectorModule):
 
     def load_start_weights(self, path: str) -> None:
         """Start from a local file: our state_dict / Lightning checkpoint, or an Ultralytics .pt."""
+        from ultralytics.utils.torch_utils import intersect_dicts
+
         # Tensors with the same name and shape; fine-tuning from another class count changes only
         # the class head, so most weights must match.
         matching = intersect_dicts(read_net_state(path), self.net.state_dict())
@@ -212,6 +212,9 @@ class YoloDetector(DetectorModule):
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[Detections]:
+        from ultralytics.utils import ops
+        from ultralytics.utils.nms import non_max_suppression
+
         net = self.inference_net()
         was_training = net.training
         net.eval()
@@ -236,19 +239,10 @@ class YoloDetector(DetectorModule):
 
     # ---- optimisation and EMA ------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Ultralytics' parameter groups: weight decay on conv/linear weights only, not on
-        normalisation layers or biases. The optimiser and schedule are the shared `optim` config."""
-        decay, no_decay = [], []
-        for module in self.net.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if not param.requires_grad:
-                    continue
-                if name == "bias" or isinstance(module, NORM_LAYERS):
-                    no_decay.append(param)
-                else:
-                    decay.append(param)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return build_optimizer(self.optim_cfg, groups, self.trainer)
+        """Ultralytics' parameter groups: weight decay on conv/linear weights only; biases (those
+        of normalisation layers too) and normalisation weights get none, and biases get the bias
+        warm-up (``optim.scheduler.warmup_bias_lr``). Optimiser and schedule: the `optim` config."""
+        return build_optimizer(self.optim_cfg, parameter_groups(self.net), self.trainer)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Ultralytics updates the EMA after every optimiser step; so do we."""
@@ -259,6 +253,8 @@ class YoloDetector(DetectorModule):
     def ema_updater(self) -> ModelEMA:
         """`ModelEMA` averaging into ``self.ema_net``. Created lazily, after Lightning has moved
         the module to its device: ModelEMA caches references to the network's tensors."""
+        from ultralytics.utils.torch_utils import ModelEMA
+
         if self._ema is None:
             ema = ModelEMA(
                 self.net, decay=self.ema_decay, tau=self.ema_tau, updates=self._ema_updates
@@ -277,10 +273,21 @@ class YoloDetector(DetectorModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # the class key `load_detector` reads
         checkpoint[EMA_KEY] = {"updates": int(self.ema_updates)}
+        if self.ema_net is not None and "optimizer_states" not in checkpoint:
+            # A weights-only checkpoint (best.ckpt) is for use, not for resuming: keep only the
+            # EMA weights, which are what is validated and exported (yolov8n: 12 MB, where
+            # last.ckpt with AdamW's state is 48 MB).
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("net.")]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._ema_updates = int(checkpoint.get(EMA_KEY, {}).get("updates", 0))
         self._ema = None
+        state = checkpoint.get("state_dict", {})
+        if not any(k.startswith("net.") for k in state):  # weights-only: the EMA stands in
+            ema = {k: v for k, v in state.items() if k.startswith("ema_net.")}
+            state.update({"net." + k[len("ema_net.") :]: v for k, v in ema.items()})
 
     # ---- export --------------------------------------------------------------------------------
     def export_files(self, best_checkpoint: str | None, out_dir: Path) -> list[Path]:
@@ -293,6 +300,8 @@ class YoloDetector(DetectorModule):
     def ultralytics_checkpoint(self, lightning_checkpoint: str | None = None) -> dict[str, Any]:
         """The checkpoint dict Ultralytics' ``load_checkpoint`` reads, from a Lightning checkpoint
         (or the current weights). A fresh network is built so no device, DDP or SyncBN leaks in."""
+        import ultralytics
+
         prefix = "ema_net." if self.ema_net is not None else "net."
         if lightning_checkpoint:
             ckpt = torch.load(lightning_checkpoint, map_location="cpu", weights_only=True)
@@ -312,6 +321,28 @@ class YoloDetector(DetectorModule):
         }
 
 
+def parameter_groups(net: nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters split as Ultralytics' trainer splits them, each group named by its
+    ``param_group`` key: ``weight`` (decayed), ``bn`` (normalisation weights, no decay) and
+    ``bias`` (every bias, no decay)."""
+    groups: dict[str, list[nn.Parameter]] = {"weight": [], "bn": [], "bias": []}
+    for module in net.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if name == "bias":
+                groups["bias"].append(param)
+            elif isinstance(module, NORM_LAYERS):
+                groups["bn"].append(param)
+            else:
+                groups["weight"].append(param)
+    no_decay = {"bn": {"weight_decay": 0.0}, "bias": {"weight_decay": 0.0}}
+    return [
+        {"params": params, "param_group": name, **no_decay.get(name, {})}
+        for name, params in groups.items()
+    ]
+
+
 def read_net_state(path: str) -> dict[str, Tensor]:
     """The network's state_dict from a local file, in any of three forms: a plain state_dict of
     the network, a Lightning checkpoint of this module (the EMA weights when present), or an
@@ -320,6 +351,9 @@ def read_net_state(path: str) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # not a tensors-only file: an Ultralytics checkpoint
+        setup_ultralytics()  # a no-op when a model was built already
+        from ultralytics.nn.tasks import load_checkpoint
+
         model, _ = load_checkpoint(path)
         return model.float().state_dict()
     state = state.get("state_dict", state)
