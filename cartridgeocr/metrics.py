@@ -43,6 +43,12 @@ VAL_MAP = "val/map"
 VAL_MAP_50 = "val/map_50"
 VAL_SEGM_MAP = "val/segm_map"
 VAL_F1 = "val/f1"
+#: Recogniser validation (``cartridgeocr-train-recogniser``), on synthetic strips with exact text:
+#: character error rate (edits / true characters), true tokens found / true tokens, and the
+#: share of strips whose tokens are exactly the true ones.
+VAL_CER = "val/cer"
+VAL_TOKEN_RECALL = "val/token_recall"
+VAL_EXACT = "val/exact_match"
 
 
 READ_PAIRING_ACCURACY = "read/pairing_accuracy"
