@@ -11,32 +11,17 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RECOGNISER
 
 from cartridgeocr.errors import ConfigError
 from cartridgeocr.experiments.compose import compose
 from cartridgeocr.geometry import Ellipse, refine_ellipse
+from cartridgeocr.reading.unroll import UnrollConfig, unroll
 from cartridgeocr.recognition.charset import CHARSET, encode, label_text
 from cartridgeocr.recognition.decode import beam_search, greedy, rerank_with_lexicon
 from cartridgeocr.recognition.strips import casings_with_primers, label_strip
-from cartridgeocr.reading.unroll import UnrollConfig, unroll
 
-#: A few seconds: 3 renders at 256 px for training, 2 for validation, 2 steps.
-TINY = [
-    "strips.num_images=3",
-    "strips.val_num_images=2",
-    "strips.image_size=256",
-    "strips.batch_size=4",
-    "strips.render_workers=1",
-    "strips.progress=false",
-    "trainer=cpu",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "~callbacks.progress_bar",
-    "recogniser.gallery_size=4",
-    "summary=false",
-]
+TINY = TINY_RECOGNISER
 
 
 def test_labels_name_the_words_upright_in_each_strip() -> None:
