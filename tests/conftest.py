@@ -152,6 +152,7 @@ TINY_RECOGNISER = [
     "strips.num_images=3",
     "strips.val_num_images=2",
     "strips.image_size=256",
+    "strips.min_casing_diameter=0",
     "strips.batch_size=4",
     "strips.render_workers=1",
     "strips.progress=false",

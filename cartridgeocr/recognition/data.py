@@ -216,6 +216,7 @@ class StripDataModule(L.LightningDataModule):
         val_seed: int = 3000,
         image_size: int = 640,
         jitter: float = 0.03,
+        min_casing_diameter: float = 0.0,
         height: int = 32,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -241,6 +242,7 @@ class StripDataModule(L.LightningDataModule):
         self.val_num_images, self.val_seed = int(val_num_images), int(val_seed)
         self.image_size = int(image_size)
         self.jitter = float(jitter)
+        self.min_casing_diameter = float(min_casing_diameter)
         self.height = int(height)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -262,6 +264,7 @@ class StripDataModule(L.LightningDataModule):
             jitter,
             self.render_workers,
             self.progress,
+            self.min_casing_diameter,
         )
 
     def prepare_data(self) -> None:

@@ -163,10 +163,14 @@ def strips_from_image(
     unroll_cfg: UnrollConfig,
     rng: np.random.Generator,
     jitter: float = 0.0,
+    min_casing_diameter: float = 0.0,
 ) -> list[LabelledStrip]:
-    """Every labelled strip of one rendered photo (RGB, the pixels the labels describe)."""
+    """Every labelled strip of one rendered photo (RGB, the pixels the labels describe), from
+    casings at least ``min_casing_diameter`` px across (smaller ones are mostly blur)."""
     out = []
     for ann, casing, primer in casings_with_primers(annotations):
+        if 2 * casing.radius < min_casing_diameter:
+            continue
         casing, primer = jittered(casing, primer, rng, jitter)
         try:
             strip = unroll(image, casing, primer, unroll_cfg)
@@ -179,11 +183,11 @@ def strips_from_image(
 # ---- the on-disk cache --------------------------------------------------------------------------
 
 
-def strips_key(render: dict, unroll_cfg: dict, jitter: float) -> str:
-    blob = json.dumps(
-        {"render": render, "unroll": unroll_cfg, "jitter": jitter, "version": STRIPS_VERSION},
-        sort_keys=True,
-    ).encode()
+def strips_key(render: dict, unroll_cfg: dict, jitter: float, min_diameter: float = 0.0) -> str:
+    params = {"render": render, "unroll": unroll_cfg, "jitter": jitter, "version": STRIPS_VERSION}
+    if min_diameter:
+        params["min_casing_diameter"] = min_diameter
+    blob = json.dumps(params, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -196,6 +200,7 @@ def ensure_strips(
     jitter: float = 0.0,
     render_workers: int | None = None,
     progress: bool = True,
+    min_casing_diameter: float = 0.0,
 ) -> Path:
     """Render (or reuse) the synthetic photos and unroll their labelled strips once; returns the
     strips folder (``images/``, ``labels.json``). Concurrent callers wait on a lock."""
@@ -207,7 +212,8 @@ def ensure_strips(
         cache / "synthetic", num_images, seed, image_size, workers=render_workers, progress=progress
     )
     render = dataset_params(num_images, seed, image_size)
-    folder = cache / "strips" / strips_key(render, dict(unroll_cfg), float(jitter))
+    key = strips_key(render, dict(unroll_cfg), float(jitter), float(min_casing_diameter))
+    folder = cache / "strips" / key
     (folder / "images").mkdir(parents=True, exist_ok=True)
     marker = folder / COMPLETE_MARKER
     with _locked(folder.parent / f".{folder.name}.lock"):
@@ -226,8 +232,9 @@ def ensure_strips(
             if bgr is None:
                 continue
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            anns = by_image.get(info["id"], [])
             for j, s in enumerate(
-                strips_from_image(rgb, by_image.get(info["id"], []), cfg, rng, jitter)
+                strips_from_image(rgb, anns, cfg, rng, jitter, min_casing_diameter)
             ):
                 name = f"{k:06d}_{j}.png"
                 cv2.imwrite(str(folder / "images" / name), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
