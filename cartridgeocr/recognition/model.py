@@ -5,7 +5,7 @@ halves the height four times and the width twice, so every output frame covers 4
 columns; a sequence model gives each frame its context (``sequence: conv``, residual dilated
 1-D convolutions, by default: on 16 strips it fits in 60 steps where a BiLSTM is still at
 three times the loss; or ``lstm``, the classic BiLSTM), and a linear layer gives
-each frame a distribution over the blank and `CHARSET`. About 0.25 M parameters: it reads a
+each frame a distribution over the blank and `CHARSET`. About 0.3 M parameters: it reads a
 strip in a few milliseconds on one CPU core.
 
 Checkpoints are self-describing: ``cartridgeocr_recogniser`` holds the charset, the input
