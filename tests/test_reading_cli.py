@@ -166,7 +166,10 @@ def test_not_a_checkpoint_is_a_one_line_error(tmp_path) -> None:
 
 
 def test_eval_cli_on_synthetic_renders_logs_a_report(trained, tmp_path) -> None:
-    synth = trained["synth"]
+    # 256 px: the renderer's finer fonts and stroke weights (generator version 2) leave RapidOCR
+    # nothing legible on these three heads at 192 px (token recall 0 on the true ellipses).
+    synth = tmp_path / "synth256"
+    render_dataset(synth, 3, seed=11, image_size=256, workers=1, progress=False)
     proc = run(
         [str(BIN / "cartridgeocr-eval"), f"checkpoint={trained['checkpoint']}", "eval_data=coco",
          f"eval_data.annotations={synth / 'annotations.json'}", f"eval_data.images={synth / 'images'}",
