@@ -1,11 +1,14 @@
 """Reading accuracy: token recall and CER per OCR backend, with ground-truth and with predicted
 geometry, on synthetic renders and on the real photos in ../shared/real-headstamps.
 
-    python benchmarks/reading.py --checkpoint best.ckpt [--ocr rapidocr tesseract]
-        [--synthetic 200] [--no-lexicon-too] [--max-images N] [--datasets synthetic real]
+    python benchmarks/reading.py --checkpoint best.ckpt [--ocr rapidocr tesseract learned]
+        [--recogniser recogniser.ckpt] [--refine-too] [--synthetic 200] [--no-lexicon-too]
+        [--max-images N] [--datasets synthetic real]
 
 "gt" rows read the ring between the labelled casing and primer ellipses (reading errors only);
-"pred" rows read what the detector found (detection + pairing + reading). The synthetic set is
+"pred" rows read what the detector found (detection + pairing + reading); "pred+refine" rows
+the same after `refine=edges` refitted the ellipses on the full-resolution photo. ``ocr=learned``
+reads with the recogniser checkpoint given by --recogniser. The synthetic set is
 rendered at 1024 px with seed 1000 (the training renders use seed 0) and cached in
 .cache/synthetic. Nothing here trains or tunes on the real photos. Each row is the same code
 path as `cartridgeocr-eval` (`evaluate_reading`).
@@ -33,6 +36,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="detector checkpoint (predicted geometry)")
     ap.add_argument("--ocr", nargs="+", default=["rapidocr", "tesseract"])
+    ap.add_argument("--recogniser", help="recogniser checkpoint for --ocr learned")
+    ap.add_argument(
+        "--refine-too", action="store_true", help="also predicted rows with refine=edges"
+    )
     ap.add_argument("--synthetic", type=int, default=200, help="synthetic renders (0: none)")
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--no-lexicon-too", action="store_true", help="also rows without the lexicon")
@@ -66,61 +73,80 @@ def main() -> None:
     if args.no_lexicon_too:
         variants.append((False, ["reading.read.lexicon=false"]))
 
+    if "learned" in args.ocr and not args.recogniser:
+        ap.error("--ocr learned needs --recogniser PATH")
+    refines = ["none", "edges"] if args.refine_too else ["none"]
+
     rows = []
     for data_name, data_over in datasets:
         index = None
         for ocr in args.ocr:
+            ocr_over = [f"ocr={ocr}"]
+            if ocr == "learned":
+                ocr_over.append(f"ocr.checkpoint={args.recogniser}")
             for lexicon, lex_over in variants:
-                cfg = compose_eval([*data_over, f"ocr={ocr}", *lex_over, *args.overrides])
-                if index is None:
-                    index = load_eval_data(cfg, args.max_images)
-                reader = build_reader(cfg, predictor)
-                start = time.perf_counter()
-                metrics, casing_rows, images = evaluate_reading(reader, index, progress=False)
-                wall = time.perf_counter() - start
-                readings = 2 * len(casing_rows)  # on predicted and on true geometry
-                ocr_s = sum(im.get("timings", {}).get("ocr", 0.0) for im in images)
-                for geometry, prefix in (("gt", "read_gt"), ("pred", "read")):
-                    rows.append(
-                        {
-                            "data": data_name,
-                            "ocr": ocr,
-                            "lexicon": "on" if lexicon else "off",
-                            "geometry": geometry,
-                            "recall": metrics.get(f"{prefix}/token_recall", float("nan")),
-                            "precision": metrics.get(f"{prefix}/token_precision", float("nan")),
-                            "exact": metrics.get(f"{prefix}/exact_match", float("nan")),
-                            "cer": metrics.get(f"{prefix}/cer", float("nan")),
-                            "casings": int(metrics.get(f"{prefix}/casings", 0)),
-                            "ap50": metrics.get("val/map_50", float("nan")),
-                            "pairing": metrics.get("read/pairing_accuracy", float("nan")),
-                            "ms_per_casing": 1000
-                            * ocr_s
-                            / max(1, sum(im.get("cartridges", 0) for im in images)),
-                            "wall_s": wall,
-                        }
+                for refine in refines:
+                    cfg = compose_eval(
+                        [*data_over, *ocr_over, *lex_over, f"refine={refine}", *args.overrides]
                     )
-                print(
-                    f"done: {data_name} {ocr} lexicon={lexicon} in {wall:.0f} s ({readings} readings)",
-                    flush=True,
-                )
-                for r in rows[-2:]:  # as soon as measured: a long run shows its rows early
+                    if index is None:
+                        index = load_eval_data(cfg, args.max_images)
+                    reader = build_reader(cfg, predictor)
+                    start = time.perf_counter()
+                    metrics, casing_rows, images = evaluate_reading(
+                        reader, index, gt_geometry=refine == "none", progress=False
+                    )
+                    wall = time.perf_counter() - start
+                    readings = 2 * len(casing_rows)  # on predicted and on true geometry
+                    ocr_s = sum(im.get("timings", {}).get("ocr", 0.0) for im in images)
+                    geometries = (
+                        (("gt", "read_gt"), ("pred", "read"))
+                        if refine == "none"
+                        else (("pred+refine", "read"),)
+                    )
+                    for geometry, prefix in geometries:
+                        rows.append(
+                            {
+                                "data": data_name,
+                                "ocr": ocr,
+                                "lexicon": "on" if lexicon else "off",
+                                "geometry": geometry,
+                                "recall": metrics.get(f"{prefix}/token_recall", float("nan")),
+                                "precision": metrics.get(f"{prefix}/token_precision", float("nan")),
+                                "exact": metrics.get(f"{prefix}/exact_match", float("nan")),
+                                "cer": metrics.get(f"{prefix}/cer", float("nan")),
+                                "casings": int(metrics.get(f"{prefix}/casings", 0)),
+                                "ap50": metrics.get("val/map_50", float("nan")),
+                                "pairing": metrics.get("read/pairing_accuracy", float("nan")),
+                                "ms_per_casing": 1000
+                                * ocr_s
+                                / max(1, sum(im.get("cartridges", 0) for im in images)),
+                                "wall_s": wall,
+                            }
+                        )
                     print(
-                        f"  {r['geometry']}: recall {r['recall']:.3f} precision {r['precision']:.3f} "
-                        f"exact {r['exact']:.3f} CER {r['cer']:.3f} casings {r['casings']}",
+                        f"done: {data_name} {ocr} lexicon={lexicon} in {wall:.0f} s ({readings} readings)",
                         flush=True,
                     )
+                    for r in rows[-len(geometries) :]:  # as soon as measured: rows show early
+                        print(
+                            f"  {r['geometry']}: recall {r['recall']:.3f} precision {r['precision']:.3f} "
+                            f"exact {r['exact']:.3f} CER {r['cer']:.3f} casings {r['casings']}",
+                            flush=True,
+                        )
 
     print()
     print(f"checkpoint: {args.checkpoint}")
-    header = "| data | OCR | lexicon | geometry | token recall | token precision | exact match | CER | casings |"
+    header = "| data | OCR | lexicon | geometry | token recall | token precision | exact match | CER | casings | ms/strip |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
         print(
             f"| {r['data']} | {r['ocr']} | {r['lexicon']} | {r['geometry']} | {r['recall']:.3f} | "
-            f"{r['precision']:.3f} | {r['exact']:.3f} | {r['cer']:.3f} | {r['casings']} |"
+            f"{r['precision']:.3f} | {r['exact']:.3f} | {r['cer']:.3f} | {r['casings']} | "
+            + (f"{r['ms_per_casing']:.0f} |" if r["geometry"] != "gt" else "- |")
         )
+    print("ms/strip: OCR time per detected casing's strip, read in every direction and polarity")
     print()
     print("detection on each set (same for every OCR row):")
     seen = set()

@@ -318,3 +318,175 @@ class Letterbox(NamedTuple):
 
     def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
         return np.asarray(boxes, dtype=np.float64) / self.scale
+
+
+# ---- refinement: ellipses fitted to image evidence ------------------------------------------------
+
+
+class RefinedEllipse(NamedTuple):
+    """An ellipse refitted to edge points: ``ok`` False means the fit was poor and ``ellipse``
+    is the one given (``reason`` says why); ``inliers`` is the share of rays that agreed."""
+
+    ellipse: Ellipse
+    ok: bool
+    inliers: float
+    reason: str | None = None
+
+
+def ray_profiles(
+    grey: np.ndarray, ell: Ellipse, n_rays: int, lo: float, hi: float, step: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intensities along ``n_rays`` rays from the ellipse's centre through its boundary, from
+    ``lo`` to ``hi`` times the way to the boundary. Returns (profiles (n_rays, S), the ray
+    fractions s (S,), the boundary points (n_rays, 2)); sampled with `cv2.remap`, whose pixel
+    centres sit at integer coordinates, as everywhere here."""
+    boundary = ellipse_points(ell, n_rays)
+    centre = np.array([ell.cx, ell.cy])
+    length = max(ell.a, 1.0) * (hi - lo)
+    n = max(int(math.ceil(length / step)), 8)
+    s = np.linspace(lo, hi, n)
+    pts = centre[None, None, :] + s[None, :, None] * (boundary - centre)[:, None, :]
+    profiles = cv2.remap(
+        grey.astype(np.float32),
+        pts[..., 0].astype(np.float32),
+        pts[..., 1].astype(np.float32),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return profiles, s, boundary
+
+
+def _peak(values: np.ndarray) -> np.ndarray:
+    """Sub-sample position of each row's maximum (a parabola through it and its neighbours)."""
+    k = np.clip(values.argmax(axis=1), 1, values.shape[1] - 2)
+    rows = np.arange(len(values))
+    y0, y1, y2 = values[rows, k - 1], values[rows, k], values[rows, k + 1]
+    denom = y0 - 2 * y1 + y2
+    offset = np.where(np.abs(denom) > 1e-9, 0.5 * (y0 - y2) / np.where(denom == 0, 1, denom), 0.0)
+    return k + np.clip(offset, -0.5, 0.5)
+
+
+def edge_points(
+    grey: np.ndarray,
+    ell: Ellipse,
+    feature: str = "edge",
+    n_rays: int = 120,
+    search: float = 0.15,
+    outermost: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One point per ray where the image says the boundary is, near ``ell``: the strongest step
+    (``feature="edge"``, e.g. a casing's rim against the background) or the darkest point
+    (``"valley"``, e.g. the dark gap around a primer cup). Returns (points (n, 2), strength)."""
+    profiles, s, boundary = ray_profiles(grey, ell, n_rays, 1.0 - search, 1.0 + search)
+    profiles = cv2.GaussianBlur(profiles, (0, 0), sigmaX=1.0, sigmaY=0.01)
+    if feature == "edge":
+        response = np.abs(np.gradient(profiles, axis=1))
+    elif feature == "valley":
+        response = profiles.max(axis=1, keepdims=True) - profiles
+    else:
+        raise ValueError(f"unknown edge feature {feature!r}: use edge or valley")
+    if feature == "edge" and outermost:
+        # Of the strong steps on a ray (local maxima of at least half its strongest), keep only
+        # the outermost: a casing's outline, not its bevel or the letters inside it.
+        strong = response >= 0.5 * response.max(axis=1, keepdims=True)
+        peaks = strong & (response >= np.roll(response, 1, axis=1))
+        peaks &= response >= np.roll(response, -1, axis=1)
+        peaks[:, [0, -1]] = False
+        has_peak = peaks.any(axis=1)
+        last = peaks.shape[1] - 1 - peaks[:, ::-1].argmax(axis=1)
+        near_last = np.abs(np.arange(response.shape[1])[None, :] - last[:, None]) <= 1
+        response = np.where(has_peak[:, None] & ~near_last, 0.0, response)
+    pos = _peak(response)
+    frac = np.interp(pos, np.arange(len(s)), s)
+    centre = np.array([ell.cx, ell.cy])
+    points = centre + frac[:, None] * (boundary - centre)
+    # Evidence in grey levels: the step across +-2 px (edge), or the depth below the ray's
+    # brightest point (valley).
+    k = np.clip(np.round(pos).astype(int), 0, profiles.shape[1] - 1)
+    rows = np.arange(len(k))
+    if feature == "edge":
+        d = max(int(round(2.0 / step_of(s, ell))), 1)
+        hi = profiles[rows, np.clip(k + d, 0, profiles.shape[1] - 1)]
+        lo = profiles[rows, np.clip(k - d, 0, profiles.shape[1] - 1)]
+        strength = np.abs(hi - lo)
+    else:
+        strength = profiles.max(axis=1) - profiles[rows, k]
+    return points, strength
+
+
+def step_of(s: np.ndarray, ell: Ellipse) -> float:
+    """Pixels between two samples of a ray (at the ellipse's long axis, the longest ray)."""
+    return float((s[1] - s[0]) * max(ell.a, 1.0)) if len(s) > 1 else 1.0
+
+
+def fit_ellipse_ransac(
+    points: np.ndarray,
+    tolerance: float,
+    iterations: int = 200,
+    rng: np.random.Generator | None = None,
+) -> tuple[Ellipse | None, np.ndarray]:
+    """Robust ellipse through (N, 2) points: RANSAC over 6-point `cv2.fitEllipse` fits, then a
+    least-squares refit on the inliers (points within ``tolerance`` px of the ellipse, measured
+    along the ray from its centre). Returns (ellipse or None, inlier mask)."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    rng = rng or np.random.default_rng(0)
+    best, best_mask = None, np.zeros(len(pts), bool)
+    if len(pts) < 6:
+        return None, best_mask
+
+    def residual(e: Ellipse) -> np.ndarray:
+        return np.abs(ellipse_radius_fraction(e, pts[:, 0], pts[:, 1]) - 1.0) * e.radius
+
+    for _ in range(iterations):
+        sample = pts[rng.choice(len(pts), 6, replace=False)]
+        e = fit_ellipse_points(sample)
+        if e is None or not np.isfinite(e.a) or e.b <= 1:
+            continue
+        mask = residual(e) < tolerance
+        if mask.sum() > best_mask.sum():
+            best, best_mask = e, mask
+    if best is None:
+        return None, best_mask
+    for _ in range(2):  # refit on the inliers, then take the inliers of the refit
+        e = fit_ellipse_points(pts[best_mask])
+        if e is None:
+            break
+        best = e
+        best_mask = residual(best) < tolerance
+    return best, best_mask
+
+
+def refine_ellipse(
+    grey: np.ndarray,
+    ell: Ellipse,
+    feature: str = "edge",
+    search: float = 0.15,
+    n_rays: int = 120,
+    tolerance: float = 0.02,
+    min_inliers: float = 0.5,
+    max_change: float = 0.15,
+    min_contrast: float = 8.0,
+) -> RefinedEllipse:
+    """Refit ``ell`` to edge points found along rays within ``search`` of it (a fraction of the
+    way to the boundary). Kept only when at least ``min_inliers`` of the rays agree within
+    ``tolerance`` x its radius (and at least 1 px) and it moved less than ``max_change`` x
+    its radius; a ray counts only where the image changes by ``min_contrast`` grey levels (a
+    step across 2 px, or a valley's depth). Otherwise ``ell`` comes back with ``ok=False``
+    and the reason."""
+    if min(ell.a, ell.b) < 3:
+        return RefinedEllipse(ell, False, 0.0, "too small to refine")
+    points, strength = edge_points(grey, ell, feature, n_rays, search)
+    points = points[strength >= min_contrast]  # rays without a clear edge give no point
+    tol = max(tolerance * ell.radius, 1.0)
+    fitted, inliers = fit_ellipse_ransac(points, tol)
+    share = float(inliers.sum()) / n_rays  # of all rays cast, not only those with an edge
+    if fitted is None:
+        return RefinedEllipse(ell, False, share, "no ellipse fits the edge points")
+    if share < min_inliers:
+        return RefinedEllipse(ell, False, share, f"only {share:.0%} of the rays agree")
+    moved = math.hypot(fitted.cx - ell.cx, fitted.cy - ell.cy) + abs(fitted.radius - ell.radius)
+    if moved > max_change * ell.radius:
+        return RefinedEllipse(
+            ell, False, share, f"the fit moved {moved / ell.radius:.0%} of the radius"
+        )
+    return RefinedEllipse(fitted, True, share)

@@ -60,6 +60,12 @@ MODEL_PARAMS = "model/params"
 TIMING_PREFIX = "perf/"
 TRAIN_SECONDS = "perf/train_s"
 INFER_MS_PER_IMAGE = "perf/infer_ms_per_image"
+#: Recogniser validation (``cartridgeocr-train-recogniser``), on synthetic strips with exact text:
+#: character error rate (edits / true characters), true tokens found / true tokens, and the
+#: share of strips whose tokens are exactly the true ones.
+VAL_CER = "val/cer"
+VAL_TOKEN_RECALL = "val/token_recall"
+VAL_EXACT = "val/exact_match"
 
 
 READ_PAIRING_ACCURACY = "read/pairing_accuracy"

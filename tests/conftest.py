@@ -147,3 +147,23 @@ def deterministic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "run_id": objects["run_id"],
         "output_dir": objects["output_dir"],
     }
+
+
+#: A seconds-long recogniser run: 3 renders at 256 px to train on, 2 to validate, 2 steps.
+TINY_RECOGNISER = [
+    "strips.num_images=3",
+    "strips.val_num_images=2",
+    "strips.image_size=256",
+    "strips.min_casing_diameter=0",
+    "strips.batch_size=4",
+    "strips.render_workers=1",
+    "strips.progress=false",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.progress_bar",
+    "recogniser.gallery_size=4",
+    "summary=false",
+]

@@ -33,6 +33,7 @@ from cartridgeocr.predictor import ImageInput, PredictedImage, Predictor
 from cartridgeocr.reading.lexicon import Lexicon
 from cartridgeocr.reading.ocr.base import OcrEngine
 from cartridgeocr.reading.postprocess import Cartridge, PostprocessConfig, postprocess
+from cartridgeocr.reading.refine import RefineConfig, refine_cartridges
 from cartridgeocr.reading.text import RAW_TOKEN, normalise_token
 from cartridgeocr.reading.unroll import RingTooThin, Strip, UnrollConfig, preprocess, unroll
 
@@ -60,6 +61,7 @@ class ReadingConfig:
     lexicon_max_cost: float = 0.25
     keep_unmatched: bool = False
     lexicon_weight: float = 1.0
+    min_casing_diameter: float = 0.0
 
     def __post_init__(self) -> None:
         self.directions = tuple(self.directions)
@@ -187,8 +189,10 @@ class Reader:
         postprocess_cfg: PostprocessConfig | None = None,
         unroll_cfg: UnrollConfig | None = None,
         read_cfg: ReadingConfig | None = None,
+        refine_cfg: RefineConfig | None = None,
     ) -> None:
         self.predictor = predictor
+        self.refine_cfg = refine_cfg or RefineConfig()
         self.ocr = ocr
         self.postprocess_cfg = postprocess_cfg or PostprocessConfig()
         self.unroll_cfg = unroll_cfg or UnrollConfig()
@@ -209,6 +213,7 @@ class Reader:
             "ocr": self.ocr.describe(),
             "lexicon": self.lexicon.source if self.lexicon is not None else None,
             "merge": self.read_cfg.merge,
+            "refine": self.refine_cfg.method,
             "inference_version": INFERENCE_VERSION,
         }
 
@@ -238,6 +243,10 @@ class Reader:
         t0 = time.perf_counter()
         kept, cartridges = postprocess(p.detections, p.size, self.postprocess_cfg)
         result.timings["postprocess"] = time.perf_counter() - t0
+        if self.refine_cfg.method != "none":
+            t0 = time.perf_counter()
+            cartridges = refine_cartridges(p.image, cartridges, p.image_scale, self.refine_cfg)
+            result.timings["refine"] = time.perf_counter() - t0
         result.detections, result.cartridges = kept, cartridges
         result.all_detections = p.detections
         rings = [(c.casing.ellipse, c.inner) for c in cartridges]
@@ -259,7 +268,23 @@ class Reader:
         timings.setdefault("unroll", 0.0)
         timings.setdefault("ocr", 0.0)
         readings = []
+        # A casing too small to read gets an empty reading that says so, not garbage. The OCR
+        # engine may ask for more than the config (a recogniser knows what it was trained on).
+        min_diameter = max(
+            float(self.read_cfg.min_casing_diameter),
+            float(getattr(self.ocr, "min_casing_diameter", 0.0) or 0.0),
+        )
         for casing, inner in rings:
+            diameter = 2.0 * casing.radius * image_scale  # in the pixels the strip is made from
+            if min_diameter and diameter < min_diameter:
+                readings.append(
+                    Reading(
+                        reason=f"casing {diameter:.0f} px across, under the {min_diameter:.0f} px "
+                        "needed to read it (reading.read.min_casing_diameter, "
+                        "ocr.min_casing_diameter)"
+                    )
+                )
+                continue
             t0 = time.perf_counter()
             try:
                 strip = unroll(image, casing, inner, self.unroll_cfg, image_scale)
@@ -408,6 +433,7 @@ def build_reader(cfg: Any, predictor: Predictor | None) -> Reader:
         pp = PostprocessConfig(**plain(reading.get("postprocess")))
         un = UnrollConfig(**plain(reading.get("unroll")))
         rd = ReadingConfig(**plain(reading.get("read")))
+        rf = RefineConfig(**plain(cfg.get("refine")))
     except TypeError as exc:
         raise ConfigError(f"reading: {exc}") from None
     except ValueError as exc:
@@ -423,4 +449,8 @@ def build_reader(cfg: Any, predictor: Predictor | None) -> Reader:
         if isinstance(cause, OcrUnavailable | ConfigError):
             raise cause from None
         raise ConfigError(f"ocr: cannot build {cfg.ocr.get('_target_')}: {cause}") from None
-    return Reader(predictor, ocr, pp, un, rd)
+    check = getattr(ocr, "check_reading", None)
+    if check is not None:
+        for difference in check(plain(reading.get("unroll")), plain(reading.get("read"))):
+            log.warning("ocr=%s was trained on other strips: %s", ocr.name, difference)
+    return Reader(predictor, ocr, pp, un, rd, rf)

@@ -68,14 +68,19 @@ class Part:
     score: float
     ellipse_from: str  # "mask" or "box"
     mask: np.ndarray | None = field(default=None, repr=False)  # at the detections' mask scale
+    # Set by refine=edges: {ok, inliers, reason when the detector's ellipse was kept}.
+    refinement: dict | None = None
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "box": [round(float(v), 2) for v in self.box],
             "ellipse": self.ellipse.tolist(),
             "score": round(float(self.score), 4),
             "ellipse_from": self.ellipse_from,
         }
+        if self.refinement is not None:
+            out["refined"] = self.refinement
+        return out
 
 
 @dataclass

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from .geometry import Camera, HeadPose
-from .text import Headstamp, make_headstamp, ring_text_mask
+from .text import Headstamp, SegmentPlace, make_headstamp, ring_text_mask
 from .textures import fbm, value_noise
 
 # Base colours (RGB, 0..1) of the materials, before per-cartridge jitter.
@@ -205,11 +205,11 @@ def render_face(
     view: np.ndarray,
     rng: np.random.Generator,
     blur_sigma: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, list[float], float]:
-    """Head face texture of radius ``rt`` px: premultiplied RGB, alpha, segment angles, text radius.
+) -> tuple[np.ndarray, np.ndarray, list[SegmentPlace], float]:
+    """Head face texture of radius ``rt`` px: premultiplied RGB, alpha, segment places, text radius.
 
     ``light``/``view`` are unit vectors in the face frame (x, y along the texture, z out of the
-    face). Segment angles are clockwise from texture up, in radians. The disc edge sits exactly
+    face). Segment places are angles clockwise from texture up, in radians. The disc edge sits exactly
     at ``rt`` px from the texture centre ``(T - 1) / 2`` (alpha crosses 0.5 there).
     """
     size = int(2 * np.ceil(rt) + 5)
@@ -315,7 +315,7 @@ def render_face(
     r_out = (rb - 0.02) * rt
     if r_out - r_in < 4:
         r_in = r_out - 4
-    text, angles = ring_text_mask(spec.headstamp, rng, r_px, theta, r_in, r_out)
+    text, places = ring_text_mask(spec.headstamp, rng, r_px, theta, r_in, r_out)
     stroke_blur = max(0.5, (r_out - r_in) * 0.03)
     text_soft = cv2.GaussianBlur(text, (0, 0), stroke_blur)
     height -= spec.text_depth * text_soft
@@ -365,7 +365,7 @@ def render_face(
         rgb = cv2.GaussianBlur(rgb, (0, 0), blur_sigma)
         alpha = cv2.GaussianBlur(alpha, (0, 0), blur_sigma)
     rgb = np.clip(rgb, 0, 1.2).astype(np.float32)
-    return rgb * alpha[..., None], alpha, angles, float((r_in + r_out) / 2)
+    return rgb * alpha[..., None], alpha, places, float((r_in + r_out) / 2)
 
 
 def _fill_convex(shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:

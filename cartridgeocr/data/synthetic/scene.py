@@ -308,7 +308,7 @@ def render_scene(
         light_tex = np.array([light @ pose.e1, light @ pose.e2, light @ pose.normal])
         view = -pose.centre / np.linalg.norm(pose.centre)
         view_tex = np.array([view @ pose.e1, view @ pose.e2, view @ pose.normal])
-        rgb_pm, alpha, seg_angles, r_text = render_face(
+        rgb_pm, alpha, seg_places, r_text = render_face(
             p.spec, rt, light_tex, view_tex, rng, pre_blur
         )
         size = alpha.shape[0]
@@ -320,12 +320,23 @@ def render_scene(
         ann = ellipse_annotation(casing, s, CASING)
         if ann is None:
             continue
-        # Segment centres, as angles clockwise from image-up around the casing centre.
+        # Segment centres and text extents, as angles clockwise from image-up around the
+        # casing centre, and each segment's direction.
         segs = []
-        for text, th in zip(p.spec.headstamp.segments, seg_angles, strict=True):
-            q = apply_h(H, np.array([[c + r_text * np.sin(th), c - r_text * np.cos(th)]]))[0]
-            ang = np.degrees(np.arctan2(q[0] - casing[0], -(q[1] - casing[1]))) % 360.0
-            segs.append({"text": text, "angle_deg": round(float(ang), 2) % 360.0})
+        for text, place in zip(p.spec.headstamp.segments, seg_places, strict=True):
+            angles = [
+                _image_angle(H, c, r_text, casing, th)
+                for th in (place.centre, place.start, place.end)
+            ]
+            segs.append(
+                {
+                    "text": text,
+                    "angle_deg": angles[0],
+                    "start_deg": angles[1],
+                    "end_deg": angles[2],
+                    "outward": place.outward,
+                }
+            )
         segs.sort(key=lambda d: d["angle_deg"])
         ann["headstamp_segments"] = segs
         ann["headstamp_text"] = " ".join(d["text"] for d in segs)
@@ -338,6 +349,16 @@ def render_scene(
             masks.append(None)
     image, quality = apply_camera(rng, canvas)
     return RenderResult(image, annotations, quality, masks if with_masks else [])
+
+
+def _image_angle(
+    H: np.ndarray, c: float, r_text: float, casing: tuple[float, ...], theta: float
+) -> float:
+    """Texture angle ``theta`` at the text radius -> degrees clockwise from image-up around the
+    casing centre."""
+    q = apply_h(H, np.array([[c + r_text * np.sin(theta), c - r_text * np.cos(theta)]]))[0]
+    ang = np.degrees(np.arctan2(q[0] - casing[0], -(q[1] - casing[1]))) % 360.0
+    return round(float(ang), 2) % 360.0
 
 
 def _draw_distractor(

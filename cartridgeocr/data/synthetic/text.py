@@ -1,9 +1,18 @@
 """Headstamp wording and its rasterisation around the ring between primer and rim.
 
-Text is drawn straight into a strip with Pillow (DejaVu fonts shipped with matplotlib), then
-bent into the ring with one ``cv2.remap``: strip x is arc length, strip y is depth from the rim.
+Text is drawn straight into a strip with Pillow (fonts shipped with matplotlib), then bent into
+the ring with one ``cv2.remap``: strip x is arc length, strip y is depth from the rim.
 Decorations (dots, stars, the NATO cross-in-circle) are drawn between segments but are not
 part of the label text, as in the hand-made real labels.
+
+**Directions.** Each segment is stamped with its letter tops towards the rim (outward, reading
+clockwise) or towards the primer (inward, reading anticlockwise). Three layouts: ``ring`` (every
+segment the same way), ``upright`` (the die's upper half outward and its lower half inward, so
+every word reads upright when the case is held one way up, as on many commercial heads:
+``FC`` on top, ``9MM LUGER`` below) and ``mixed`` (each segment either way).
+
+**Stroke weight.** Real dies stamp anything from hairline to heavy strokes: the drawn letters
+are thickened or thinned (a blur and a moved threshold) per headstamp.
 """
 
 from __future__ import annotations
@@ -49,9 +58,13 @@ SHOTGUN_GAUGES = [
 FONT_FILES = [
     "DejaVuSans-Bold.ttf", "DejaVuSans.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono.ttf",
     "DejaVuSerif-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSans-BoldOblique.ttf",
+    "STIXGeneralBol.ttf", "STIXGeneral.ttf", "DejaVuSansDisplay.ttf",
 ]
 # fmt: on
-FONT_WEIGHTS = [0.3, 0.15, 0.2, 0.1, 0.12, 0.08, 0.05]
+FONT_WEIGHTS = [0.26, 0.13, 0.17, 0.09, 0.1, 0.07, 0.04, 0.05, 0.04, 0.05]
+#: Layouts of the segments' directions (see the module docstring) and their probabilities.
+LAYOUTS = ("ring", "upright", "mixed")
+LAYOUT_WEIGHTS = (0.5, 0.38, 0.12)
 
 
 def font_dir() -> Path:
@@ -74,10 +87,42 @@ class Headstamp:
     segments: list[str]
     marks: list[str]  # one per segment, drawn after it: "", "dot", "star", "nato"
     font: str
-    outward: bool  # letter tops towards the rim (text reads clockwise); else towards the primer
+    outward: bool  # ``ring`` layout: letter tops towards the rim (reads clockwise), else the primer
     tracking: float  # extra space between letters, fraction of the font size
     stretch: float  # horizontal scale of the letters (condensed < 1 < extended)
     fill: float  # font size as a fraction of the ring width
+    layout: str = "ring"  # ring | upright | mixed (see the module docstring)
+    weight: float = 0.5  # stroke threshold after blurring: < 0.5 bolder, > 0.5 thinner
+
+
+@dataclass
+class SegmentPlace:
+    """Where a segment's text lies on the ring: texture angles (radians, clockwise from texture
+    up) of its centre and of its first and last letters' outer edges (clockwise order:
+    ``start`` < ``end``, ``end`` may exceed 2 pi), and its direction."""
+
+    centre: float
+    start: float
+    end: float
+    outward: bool
+
+
+#: Share of headstamps that carry one random code (letters and digits) among their words.
+RANDOM_CODE_P = 0.2
+_CODE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _random_code(rng: np.random.Generator) -> str:
+    """2-5 random capitals or digits (a lot number, a year, an unknown maker's code)."""
+    n = int(rng.integers(2, 6))
+    style = rng.random()
+    if style < 0.35:
+        alphabet = "0123456789"
+    elif style < 0.75:
+        alphabet = _CODE_LETTERS
+    else:
+        alphabet = _CODE_LETTERS + "0123456789"
+    return "".join(alphabet[int(i)] for i in rng.integers(0, len(alphabet), n))
 
 
 def _split(tokens: list[str], n: int, rng: np.random.Generator) -> list[str]:
@@ -121,6 +166,11 @@ def make_headstamp(rng: np.random.Generator, kind: str) -> Headstamp:
             tokens = [*maker.split(), *cal.split()]
         # Keep multi-word makers together most of the time.
         n = int(rng.choice([1, 2, 2, 3, 3, 4]))
+    if rng.random() < RANDOM_CODE_P:
+        # A lot number or an unknown maker's code: text no word list predicts, so a recogniser
+        # trained on these renders learns letters rather than a vocabulary.
+        tokens.insert(int(rng.integers(0, len(tokens) + 1)), _random_code(rng))
+        n += 1
     segments = _split(tokens, n, rng)
     marks = [str(rng.choice(marks_pool)) if rng.random() < 0.5 else "" for _ in segments]
     if kind == "military" and rng.random() < 0.6:
@@ -128,14 +178,17 @@ def make_headstamp(rng: np.random.Generator, kind: str) -> Headstamp:
     font = FONT_FILES[
         int(rng.choice(len(FONT_FILES), p=np.array(FONT_WEIGHTS) / sum(FONT_WEIGHTS)))
     ]
+    layout = str(rng.choice(LAYOUTS, p=np.array(LAYOUT_WEIGHTS) / sum(LAYOUT_WEIGHTS)))
     return Headstamp(
         segments=segments,
         marks=marks,
         font=font,
         outward=bool(rng.random() < 0.8),
         tracking=float(rng.uniform(0.0, 0.25)),
-        stretch=float(rng.uniform(0.75, 1.15)),
-        fill=float(rng.uniform(0.62, 0.92)),
+        stretch=float(rng.uniform(0.7, 1.15)),
+        fill=float(rng.uniform(0.55, 0.92)),
+        layout=layout,
+        weight=float(rng.uniform(0.3, 0.58)),
     )
 
 
@@ -173,12 +226,13 @@ def ring_text_mask(
     theta: np.ndarray,
     r_in: float,
     r_out: float,
-) -> tuple[np.ndarray, list[float]]:
-    """Stamp mask (float32 in [0, 1]) on the texture grid, and each segment's centre angle.
+) -> tuple[np.ndarray, list[SegmentPlace]]:
+    """Stamp mask (float32 in [0, 1]) on the texture grid, and where each segment lies.
 
     ``r_px``/``theta`` give every texture pixel's radius (px) and angle (radians, clockwise from
-    texture up); the text fills the ring ``r_in..r_out`` (px). Angles returned are clockwise from
-    texture up, in radians.
+    texture up); the text fills the ring ``r_in..r_out`` (px). Segments are laid out clockwise
+    in slots (text, mark, padding) with jittered gaps; an inward segment reads anticlockwise, so
+    in its slot the mark comes first, clockwise, and the text last.
     """
     ring_w = r_out - r_in
     r_mid = (r_in + r_out) / 2
@@ -195,50 +249,93 @@ def ring_text_mask(
         if total_px <= 0.85 * 2 * np.pi * r_mid or size <= 5:
             break
         size *= max(0.6, 0.85 * 2 * np.pi * r_mid / total_px)
-    circ = 2 * np.pi * r_mid / sx  # strip length in strip pixels
+    circ = 2 * np.pi * r_mid / sx  # strip length in strip pixels (strip x = circ * angle / 2 pi)
     strip_w = int(np.ceil(circ)) + 2
     strip_h = int(np.ceil(ring_w)) + 2
-    strip = Image.new("L", (strip_w, strip_h), 0)
-    draw = ImageDraw.Draw(strip)
-    # Segment layout along the strip: spread around the ring with jittered gaps.
+    strips = {way: Image.new("L", (strip_w, strip_h), 0) for way in (True, False)}
+    # Segment slots along the ring, clockwise, with jittered gaps.
     n = len(hs.segments)
     occupied = [w + m + 0.35 * size for w, m in zip(widths, marks, strict=True)]
     free = max(circ - sum(occupied), 0.0)
     gaps = rng.uniform(0.7, 1.3, n)
     gaps = gaps / gaps.sum() * free
+    slots = []
     x = rng.uniform(0, circ)
+    for occ, gap in zip(occupied, gaps, strict=True):
+        slots.append(x)
+        x += occ + gap
+    directions = _directions(hs, rng, slots, widths, circ)
     cap_top, cap_bottom = font.getbbox("H", anchor="ls")[1], 0
     yc = 1.0 + ring_w / 2  # strip row 1 is the ring's outer (outward) or inner (inward) edge
     baseline = yc + (cap_bottom - cap_top) / 2
-    centres = []
-    for text, w, m, mark, gap in zip(hs.segments, widths, marks, hs.marks, gaps, strict=True):
-        centres.append(x + w / 2)
+    places = []
+    for k, (text, w, m, mark) in enumerate(zip(hs.segments, widths, marks, hs.marks, strict=True)):
+        outward, occ = directions[k], occupied[k]
+        # Text start in its own strip; an inward strip runs anticlockwise (x_in = circ - x_out).
+        x0 = slots[k] if outward else circ - slots[k] - occ
+        x0 %= circ
+        draw = ImageDraw.Draw(strips[outward])
         for offset in (-circ, 0.0, circ):
-            cx = x + offset
+            cx = x0 + offset
             for ch in text:
                 draw.text((cx, baseline), ch, font=font, fill=255, anchor="ls")
                 cx += font.getlength(ch) + track
             if mark:
-                _draw_mark(draw, mark, x + offset + w + 0.175 * size + m / 2, yc, size)
-        x += w + m + 0.35 * size + gap
-    strip_arr = np.asarray(strip, dtype=np.float32) / 255.0
-    # Bend the strip into the ring.
-    if hs.outward:
-        map_x = theta * (r_mid / sx)
-        map_y = (r_out - r_px) + 1.0
-    else:
-        map_x = (2 * np.pi - theta) * (r_mid / sx)
-        map_y = (r_px - r_in) + 1.0
-    mask = cv2.remap(
-        strip_arr,
-        map_x.astype(np.float32),
-        map_y.astype(np.float32),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0,
-    )
-    angles = []
-    for c in centres:
-        a = (c % circ) / circ * 2 * np.pi
-        angles.append(float(a if hs.outward else (2 * np.pi - a) % (2 * np.pi)))
-    return mask, angles
+                _draw_mark(draw, mark, x0 + offset + w + 0.175 * size + m / 2, yc, size)
+        first = slots[k] if outward else slots[k] + occ - w  # clockwise extent, strip pixels
+        to_angle = 2 * np.pi / circ
+        places.append(
+            SegmentPlace(
+                centre=float(((first + w / 2) * to_angle) % (2 * np.pi)),
+                start=float((first * to_angle) % (2 * np.pi)),
+                end=float((first * to_angle) % (2 * np.pi) + w * to_angle),
+                outward=outward,
+            )
+        )
+    mask = np.zeros(r_px.shape, np.float32)
+    for outward, strip in strips.items():
+        if outward not in directions:
+            continue
+        strip_arr = _stroke_weight(np.asarray(strip, dtype=np.float32) / 255.0, hs.weight, size)
+        # Bend the strip into the ring.
+        if outward:
+            map_x = theta * (r_mid / sx)
+            map_y = (r_out - r_px) + 1.0
+        else:
+            map_x = (2 * np.pi - theta) * (r_mid / sx)
+            map_y = (r_px - r_in) + 1.0
+        mask = np.maximum(
+            mask,
+            cv2.remap(
+                strip_arr,
+                map_x.astype(np.float32),
+                map_y.astype(np.float32),
+                cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            ),
+        )
+    return mask, places
+
+
+def _directions(
+    hs: Headstamp, rng: np.random.Generator, slots: list[float], widths: list[float], circ: float
+) -> list[bool]:
+    """Per segment: letter tops towards the rim (True) or the primer (False), by layout."""
+    if hs.layout == "upright":
+        # The die's upper half (texture up +- 90 degrees) outward, its lower half inward.
+        return [
+            bool(np.cos((x + w / 2) / circ * 2 * np.pi) >= 0)
+            for x, w in zip(slots, widths, strict=True)
+        ]
+    if hs.layout == "mixed":
+        return [bool(rng.random() < 0.5) for _ in slots]
+    return [hs.outward] * len(slots)
+
+
+def _stroke_weight(strip: np.ndarray, weight: float, size: float) -> np.ndarray:
+    """Thicken (``weight`` < 0.5) or thin (> 0.5) the drawn strokes: blur, then re-threshold
+    with a soft one-pixel edge."""
+    sigma = max(0.6, 0.05 * size)
+    soft = cv2.GaussianBlur(strip, (0, 0), sigma)
+    return np.clip((soft - weight) / 0.2 + 0.5, 0, 1).astype(np.float32)

@@ -19,7 +19,7 @@ from ...categories import COCO_CATEGORIES
 from .scene import render_scene
 
 #: Bump whenever a change alters the rendered pixels or labels, so cached datasets re-render.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
@@ -41,8 +41,10 @@ INFO = {
     "casing": "outer edge of the head disc including the rim bevel (face/bevel boundary where the body shows).",
     "primer": "centre of the dark gap ring around the primer cup; shotshells: the inner primer disc.",
     "headstamp": (
-        "headstamp_segments: stamped words with their centre angle, degrees clockwise from image-up around "
-        "the casing centre; headstamp_text: the segments clockwise from 12 o'clock joined by one space. "
+        "headstamp_segments: stamped words with their centre angle (angle_deg), the clockwise extent of their "
+        "letters (start_deg to end_deg), all in degrees clockwise from image-up around the casing centre, and "
+        "their direction (outward: letter tops towards the rim, reading clockwise; else towards the primer); "
+        "headstamp_text: the segments clockwise from 12 o'clock joined by one space. "
         "Decorative dots, stars and NATO marks are not part of the text."
     ),
 }

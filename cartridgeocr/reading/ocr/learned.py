@@ -1,0 +1,196 @@
+"""``ocr=learned``: the recogniser trained by ``cartridgeocr-train-recogniser`` (a CRNN with CTC
+on synthetic strips), read from its checkpoint file or its MLflow run.
+
+The reading pipeline hands it every strip both ways up and in both polarities, after its
+greyscale + CLAHE, as it does for every engine; the recogniser was trained on strips made the
+same way. All variants of a casing go through the network in one batch. Words are split at
+the spaces the recogniser reads, and placed on the strip by the frames their characters were
+emitted at (a frame is 4 input columns).
+
+Decoding is greedy or a CTC beam search (``decoder: beam``) whose best hypotheses are
+re-ranked by the headstamp lexicon (``lexicon: true``): a hypothesis gains ``lexicon_bonus``
+per character in a word the lexicon knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cartridgeocr.errors import ConfigError
+from cartridgeocr.reading.ocr.base import OcrEngine, TextPiece, to_grey
+
+log = logging.getLogger("cartridgeocr.reading.ocr")
+
+DECODERS = ("greedy", "beam")
+
+
+def load_recogniser_source(
+    checkpoint: str | None, run_id: str | None, tracking_uri: str | None, root_dir: str | Path
+):
+    """(recogniser module, where it came from) from ``ocr.checkpoint`` or ``ocr.run_id``."""
+    from cartridgeocr.recognition.model import load_recogniser
+
+    if bool(checkpoint) == bool(run_id):
+        raise ConfigError(
+            "ocr=learned: give exactly one of ocr.checkpoint=PATH or ocr.run_id=ID "
+            "(a cartridgeocr-train-recogniser run)"
+        )
+    if checkpoint:
+        return load_recogniser(checkpoint), str(checkpoint)
+
+    import tempfile
+
+    import mlflow
+
+    from cartridgeocr import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri, root_dir)
+    tracking.prepare_store(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(str(run_id))
+    except Exception:
+        raise ConfigError(f"ocr.run_id={run_id}: no such MLflow run in {uri}") from None
+    if run.data.tags.get("kind") != "recogniser":
+        raise ConfigError(
+            f"ocr.run_id={run_id}: not a recogniser run (kind={run.data.tags.get('kind', 'detector')}); "
+            "give the id of a cartridgeocr-train-recogniser run"
+        )
+    from cartridgeocr.tracking import BEST_CKPT, CHECKPOINT_DIR
+
+    with tempfile.TemporaryDirectory(prefix="cartridgeocr-recogniser-") as dst:
+        try:
+            path = client.download_artifacts(str(run_id), f"{CHECKPOINT_DIR}/{BEST_CKPT}", dst)
+        except Exception:
+            raise ConfigError(
+                f"ocr.run_id={run_id}: the run has no {CHECKPOINT_DIR}/{BEST_CKPT} (still training?)"
+            ) from None
+        return load_recogniser(path), f"runs:/{run_id}/{CHECKPOINT_DIR}/{BEST_CKPT}"
+
+
+class LearnedOcr(OcrEngine):
+    name = "learned"
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        run_id: str | None = None,
+        tracking_uri: str | None = None,
+        root_dir: str = ".",
+        decoder: str = "beam",
+        beam_width: int = 8,
+        lexicon: bool = True,
+        lexicon_bonus: float = 1.0,
+        min_confidence: float = 0.3,
+        min_casing_diameter: float = 48.0,
+        threads: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if decoder not in DECODERS:
+            raise ConfigError(f"ocr.decoder={decoder}: use one of {', '.join(DECODERS)}")
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model, self.source = load_recogniser_source(checkpoint, run_id, tracking_uri, root_dir)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.decoder = decoder
+        self.beam_width = int(beam_width)
+        self.lexicon_bonus = float(lexicon_bonus)
+        self.min_confidence = float(min_confidence)
+        #: The pipeline gives casings smaller than this (pixels across) an empty reading.
+        self.min_casing_diameter = float(min_casing_diameter or 0.0)
+        self.lexicon = None
+        if lexicon:
+            from cartridgeocr.reading.lexicon import Lexicon
+
+            self.lexicon = Lexicon.load(None)
+        self._warned_settings = False
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "decoder": self.decoder,
+            "lexicon": self.lexicon is not None,
+        }
+
+    def check_reading(self, unroll: dict, read: dict) -> list[str]:
+        """Reading settings that differ from those the recogniser's strips were made with."""
+        trained = self.model.describe().get("reading") or {}
+        out = []
+        for part, now in (("unroll", unroll), ("read", read)):
+            for key in ("inner", "outer", "height", "px_per_arc", "grey", "clahe"):
+                then = (trained.get(part) or {}).get(key)
+                if key in now and then is not None and now[key] != then:
+                    out.append(f"reading.{part}.{key}={now[key]} (trained with {then})")
+        return out
+
+    def read(self, strip: np.ndarray) -> list[TextPiece]:
+        return self.read_many([strip])[0]
+
+    def read_many(self, strips) -> list[list[TextPiece]]:
+        import torch
+
+        from cartridgeocr.recognition.data import to_input
+        from cartridgeocr.recognition.model import FRAME_STRIDE, output_lengths
+
+        if not strips:
+            return []
+        inputs = [to_input(to_grey(s), self.model.height) for s in strips]
+        widest = max(x.shape[1] for x in inputs)
+        batch = np.zeros((len(inputs), 1, self.model.height, widest), np.float32)
+        for k, x in enumerate(inputs):
+            batch[k, 0, :, : x.shape[1]] = x
+        widths = torch.tensor([x.shape[1] for x in inputs])
+        with torch.inference_mode():
+            probs = self.model(torch.from_numpy(batch).to(self.device)).exp().cpu().numpy()
+        lengths = output_lengths(widths).tolist()
+        out = []
+        for p, n, x, strip in zip(probs, lengths, inputs, strips, strict=True):
+            decoded = self._decode(p[: min(n, len(p))])
+            scale = strip.shape[1] / float(x.shape[1])  # strip columns per input column
+            out.append(self._pieces(decoded, FRAME_STRIDE * scale, strip.shape[1]))
+        return out
+
+    def _decode(self, probs: np.ndarray):
+        from cartridgeocr.recognition.decode import beam_search, greedy, rerank_with_lexicon
+
+        if self.decoder == "greedy":
+            return greedy(probs, self.model.charset)
+        hypotheses = beam_search(probs, self.beam_width, charset=self.model.charset)
+        if self.lexicon is not None:
+            return rerank_with_lexicon(hypotheses, self.lexicon, self.lexicon_bonus)
+        return hypotheses[0]
+
+    def _pieces(self, decoded, cols_per_frame: float, width: int) -> list[TextPiece]:
+        """One piece per word (characters between spaces), placed by its characters' frames."""
+        pieces = []
+        word: list[tuple[str, int, float]] = []
+        for ch, frame, conf in [
+            *zip(decoded.text, decoded.frames, decoded.confidences),
+            (" ", 0, 0.0),
+        ]:
+            if ch != " ":
+                word.append((ch, frame, conf))
+                continue
+            if word:
+                confs = [c for _, _, c in word]
+                x0 = max((word[0][1] - 1.0) * cols_per_frame, 0.0)
+                x1 = min((word[-1][1] + 2.0) * cols_per_frame, float(width))
+                piece = TextPiece(
+                    "".join(c for c, _, _ in word), float(np.mean(confs)), x0, x1, confs
+                )
+                if piece.confidence >= self.min_confidence:
+                    pieces.append(piece)
+                word = []
+        return pieces
+
+
+def default_threads() -> int:
+    return min(4, os.cpu_count() or 1)

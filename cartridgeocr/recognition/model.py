@@ -1,0 +1,276 @@
+"""The recogniser: a small CRNN (conv body + sequence model) trained with CTC, as a Lightning module.
+
+Input: a greyscale strip scaled to ``height`` px (32 by default), any width. The conv body
+halves the height four times and the width twice, so every output frame covers 4 strip
+columns; a sequence model gives each frame its context (``sequence: conv``, residual dilated
+1-D convolutions, by default: on 16 strips it fits in 60 steps where a BiLSTM is still at
+three times the loss; or ``lstm``, the classic BiLSTM), and a linear layer gives
+each frame a distribution over the blank and `CHARSET`. About 0.3 M parameters; the four
+variants of a strip the reader asks for take about 130 ms on one busy CPU thread.
+
+Checkpoints are self-describing: ``cartridgeocr_recogniser`` holds the charset, the input
+height and the reading settings the training strips were made with, so ``ocr=learned`` can
+check what it was given and unroll as the recogniser was trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from rapidfuzz.distance import Levenshtein
+from torch import Tensor, nn
+
+from cartridgeocr.errors import ConfigError
+from cartridgeocr.metrics import (
+    TRAIN_LOSS,
+    VAL_CER,
+    VAL_EXACT,
+    VAL_TOKEN_RECALL,
+)
+from cartridgeocr.models.base import (
+    CHECKPOINT_CLASS_KEY,
+    build_optimizer,
+    check_finite,
+    validate_optim,
+)
+from cartridgeocr.reading.text import split_tokens, token_matches
+from cartridgeocr.recognition.charset import CHARSET
+from cartridgeocr.recognition.decode import greedy
+
+#: Checkpoint key that marks a recogniser (and describes it).
+RECOGNISER_KEY = "cartridgeocr_recogniser"
+#: Strip columns per output frame.
+FRAME_STRIDE = 4
+
+
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class TemporalConv(nn.Module):
+    """Context along the strip without recurrence: residual 1-D convolutions over the frames
+    (kernel 3, dilations 1, 2, 4: about 15 frames, three to four letters, each way)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv1d(width, width, 3, padding=d, dilation=d, bias=False),
+                nn.BatchNorm1d(width),
+                nn.ReLU(inplace=True),
+            )
+            for d in (1, 2, 4)
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        f = x.transpose(1, 2)  # B, C, T
+        for layer in self.layers:
+            f = f + layer(f)
+        return f.transpose(1, 2), None
+
+
+class CRNN(nn.Module):
+    """Conv body -> column features -> sequence model (BiLSTM or temporal convolutions) ->
+    per-frame class scores."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        height: int = 32,
+        channels: Sequence[int] = (16, 32, 64, 96),
+        hidden: int = 64,
+        sequence: str = "lstm",
+    ) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = (int(c) for c in channels)
+        self.body = nn.Sequential(
+            _conv(1, c1),
+            nn.MaxPool2d(2, 2),  # H/2, W/2
+            _conv(c1, c2),
+            nn.MaxPool2d(2, 2),  # H/4, W/4
+            _conv(c2, c3),
+            _conv(c3, c3),
+            nn.MaxPool2d((2, 1), (2, 1)),  # H/8
+            _conv(c3, c4),
+            nn.MaxPool2d((2, 1), (2, 1)),  # H/16
+        )
+        rows = int(height) // 16
+        self.project = nn.Linear(c4 * rows, hidden * 2)
+        if sequence == "lstm":
+            self.rnn = nn.LSTM(
+                hidden * 2, hidden, num_layers=1, bidirectional=True, batch_first=True
+            )
+        elif sequence == "conv":
+            self.rnn = TemporalConv(hidden * 2)
+        else:
+            raise ConfigError(f"recogniser.sequence={sequence}: use lstm or conv")
+        self.head = nn.Linear(hidden * 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 1, H, W) -> (B, T, num_classes) logits, T = ceil(W / 4)."""
+        f = self.body(x)  # B, C, H/16, T
+        b, c, h, t = f.shape
+        f = f.permute(0, 3, 1, 2).reshape(b, t, c * h)
+        f = torch.relu(self.project(f))
+        f, _ = self.rnn(f)
+        return self.head(f)
+
+
+def output_lengths(widths: Tensor) -> Tensor:
+    """Frames the network gives for strips of these widths (two halvings, floor each)."""
+    return torch.div(torch.div(widths, 2, rounding_mode="floor"), 2, rounding_mode="floor").clamp(
+        min=1
+    )
+
+
+class RecogniserModule(L.LightningModule):
+    """CRNN + CTC loss; validation decodes greedily and scores CER and token recall."""
+
+    backend = "recogniser"
+
+    def __init__(
+        self,
+        arch: str = "crnn",
+        height: int = 32,
+        channels: Sequence[int] = (16, 32, 64, 96),
+        hidden: int = 64,
+        sequence: str = "conv",
+        charset: str = CHARSET,
+        optim: dict | None = None,
+        reading: dict | None = None,
+        gallery_size: int = 16,
+    ) -> None:
+        super().__init__()
+        if arch != "crnn":
+            raise ConfigError(f"recogniser.arch={arch}: the only architecture is crnn")
+        if int(height) < 16 or int(height) % 16:
+            raise ConfigError(f"recogniser.height={height}: use a multiple of 16")
+        self.save_hyperparameters()
+        self.optim_cfg = validate_optim(dict(optim or {"name": "adamw", "lr": 1e-3}))
+        self.charset = str(charset)
+        self.height = int(height)
+        self.net = CRNN(len(self.charset) + 1, self.height, channels, hidden, sequence)
+        self.ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+        self.gallery_size = int(gallery_size)
+        self._val: dict[str, Any] = {}
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Per-frame log-probabilities, (B, T, C)."""
+        return self.net(images).log_softmax(-1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        log_probs = self(batch["images"])
+        lengths = output_lengths(batch["widths"]).clamp(max=log_probs.shape[1])
+        loss = self.ctc(
+            log_probs.permute(1, 0, 2), batch["targets"], lengths, batch["target_lengths"]
+        )
+        check_finite(loss, {"loss_ctc": loss}, self)
+        self.log(TRAIN_LOSS, loss, prog_bar=True, batch_size=len(batch["texts"]))
+        return loss
+
+    # ---- validation ----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {
+            "edits": 0.0,
+            "chars": 0,
+            "found": 0,
+            "tokens": 0,
+            "exact": 0,
+            "n": 0,
+            "gallery": [],
+        }
+
+    @torch.no_grad()
+    def decode_batch(self, images: Tensor, widths: Tensor) -> list[str]:
+        probs = self(images).exp().cpu().numpy()
+        lengths = output_lengths(widths.cpu()).tolist()
+        return [greedy(p[: min(n, len(p))], self.charset).text for p, n in zip(probs, lengths)]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        predicted = self.decode_batch(batch["images"], batch["widths"])
+        v = self._val
+        for k, (pred, true) in enumerate(zip(predicted, batch["texts"], strict=True)):
+            v["edits"] += Levenshtein.distance(pred, true)
+            v["chars"] += max(len(true), 1)
+            truth = split_tokens(true)
+            v["found"] += token_matches(split_tokens(pred), truth)
+            v["tokens"] += len(truth)
+            v["exact"] += int(sorted(split_tokens(pred)) == sorted(truth))
+            v["n"] += 1
+            if len(v["gallery"]) < self.gallery_size and truth:
+                w = int(batch["widths"][k])
+                img = batch["images"][k, 0, :, :w].cpu().numpy()
+                v["gallery"].append((img, pred, true))
+
+    def on_validation_epoch_end(self) -> None:
+        v = self._val
+        if not v.get("n"):
+            return
+        self.log(VAL_CER, v["edits"] / max(v["chars"], 1), prog_bar=True)
+        self.log(VAL_TOKEN_RECALL, v["found"] / max(v["tokens"], 1), prog_bar=True)
+        self.log(VAL_EXACT, v["exact"] / v["n"])
+
+    @property
+    def gallery(self) -> list[tuple[np.ndarray, str, str]]:
+        """(normalised strip, predicted text, true text) of the last validation's first strips."""
+        return list(self._val.get("gallery", []))
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        return build_optimizer(self.optim_cfg, list(self.parameters()), self.trainer)
+
+    def describe(self) -> dict:
+        return {
+            "kind": "recogniser",
+            "arch": self.hparams.arch,
+            "charset": self.charset,
+            "height": self.height,
+            "reading": dict(self.hparams.reading or {}),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"
+        checkpoint[RECOGNISER_KEY] = self.describe()
+        from cartridgeocr.provenance import CHECKPOINT_KEY, Provenance
+
+        trainer = self._trainer
+        if trainer is not None and CHECKPOINT_KEY not in checkpoint:
+            for callback in trainer.callbacks:
+                if isinstance(callback, Provenance):
+                    callback.on_save_checkpoint(trainer, self, checkpoint)
+
+    def export_files(self, best_checkpoint: str | None, out_dir: Path) -> list[Path]:
+        return []
+
+
+def load_recogniser(path: str | Path, map_location: str = "cpu") -> RecogniserModule:
+    """A recogniser checkpoint -> the module in eval mode (``weights_only=True``). Anything else
+    (a detector's checkpoint, a file that is no checkpoint) is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recogniser checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or RECOGNISER_KEY not in ckpt:
+        what = (
+            "a detector's checkpoint"
+            if isinstance(ckpt, dict) and CHECKPOINT_CLASS_KEY in ckpt
+            else "not a CartridgeOCR checkpoint"
+        )
+        raise ConfigError(
+            f"{path}: not a recogniser checkpoint ({what}); train one with cartridgeocr-train-recogniser"
+        )
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    hp.pop("optim", None)
+    model = RecogniserModule(**hp)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
