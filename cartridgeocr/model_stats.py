@@ -49,6 +49,8 @@ class ModelStats(Callback):
         dataset = getattr(loader, "dataset", None)
         if self.timed_images <= 0 or dataset is None or len(dataset) == 0:
             return None
+        if not callable(getattr(pl_module, "predict", None)):  # not a detector (the recogniser)
+            return None
         n = min(self.timed_images, len(dataset))
         images = [dataset[i][0].to(pl_module.device) for i in range(n)]
         was_training = pl_module.training
