@@ -80,3 +80,34 @@ def test_building_yolo_puts_settings_where_told_without_banner(tmp_path: Path) -
     assert (settings / "Ultralytics" / "settings.json").is_file()
     assert (settings / "Ultralytics" / "Arial.ttf").is_file()
     assert list(cwd.iterdir()) == []
+
+
+REBUILD_SCRIPT = """
+import shutil, sys
+from pathlib import Path
+from cartridgeocr.models.yolo import YoloDetector
+YoloDetector(image_size=64, settings_dir=sys.argv[1])
+shutil.rmtree(sys.argv[1])  # a cleaned cache or temporary folder, while the process lives on
+YoloDetector(image_size=64, settings_dir=sys.argv[1])
+from ultralytics.utils import SETTINGS
+SETTINGS.update({"sync": False})  # writes the settings file
+print("built twice")
+"""
+
+
+def test_a_deleted_settings_folder_is_made_again(tmp_path: Path) -> None:
+    """The first YOLO model of a process picks Ultralytics' settings folder; a later one must
+    still build (and write its settings and fonts) after that folder was deleted."""
+    settings = tmp_path / "settings"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REBUILD_SCRIPT), str(settings)],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.endswith("built twice\n"), proc.stdout
+    assert (settings / "Ultralytics" / "settings.json").is_file()
+    assert (settings / "Ultralytics" / "Arial.ttf").is_file()

@@ -74,6 +74,9 @@ def setup_ultralytics(config_dir: str | Path | None = None) -> Path:
 
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
+    # The process's settings folder may have been deleted since (a cleaned cache or temporary
+    # folder): Ultralytics writes its settings and looks for fonts there, so bring it back.
+    Path(USER_CONFIG_DIR).mkdir(parents=True, exist_ok=True)
     restore_pillow_open()
     changed = {k: False for k in OFF_SETTINGS if SETTINGS.get(k) is not False}
     if changed:
