@@ -114,10 +114,8 @@ def _train(
     except SIGTERMException:
         stop_on_sigterm(trainer, logger)  # raises SystemExit(143)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = callbacks.get("model_checkpoint")
-    if isinstance(best, ModelCheckpoint) and best.best_model_score is not None:
-        metrics["best/" + str(best.monitor)] = float(best.best_model_score)
+    metrics = final_metrics(trainer, best)
     objects = {
         "trainer": trainer,
         "model": model,
@@ -131,6 +129,14 @@ def _train(
         "output_dir": output_dir,
     }
     return metrics, objects
+
+
+def final_metrics(trainer: L.Trainer, best: Any) -> dict[str, float]:
+    """The trainer's last metrics, plus ``best/<monitor>``: the kept checkpoint's score."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if isinstance(best, ModelCheckpoint) and best.best_model_score is not None:
+        metrics["best/" + str(best.monitor)] = float(best.best_model_score)
+    return metrics
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +23,7 @@ from cartridgeocr.train import (
     build,
     build_callbacks,
     check_accelerator,
+    final_metrics,
     resume_point,
     steps_per_epoch,
 )
@@ -107,10 +107,8 @@ def _train(cfg: DictConfig, overrides: list[str], hydra_cfg: DictConfig | None):
     except SIGTERMException:
         stop_on_sigterm(trainer, logger)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = callbacks.get("model_checkpoint")
-    if isinstance(best, ModelCheckpoint) and best.best_model_score is not None:
-        metrics["best/" + str(best.monitor)] = float(best.best_model_score)
+    metrics = final_metrics(trainer, best)
     objects = {
         "trainer": trainer,
         "model": model,
