@@ -21,6 +21,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+@pytest.fixture(autouse=True)
+def _environment_is_restored():
+    """Each test leaves os.environ as it found it. Libraries set variables as they run (Lightning
+    its seed, Ultralytics its settings folder); left in place, they reach every later test's
+    subprocesses and make the suite depend on test order."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
+
+
 def ellipse_polygon(cx: float, cy: float, a: float, b: float, n: int = 32) -> list[float]:
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1).round(2).ravel().tolist()

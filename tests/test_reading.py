@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import cv2
@@ -51,6 +52,20 @@ def test_tilted_ring_is_unrolled_and_read_back_in_both_directions(tilted, name) 
     # Tokens come out in ring order, from the seam: clockwise, WIN and USA are neighbours.
     order = reading.tokens * 2
     assert any(order[i : i + 2] == ["WIN", "USA"] for i in range(4))
+
+
+def test_tesseract_thread_limit_reaches_tesseract_only(monkeypatch) -> None:
+    """The one-thread OpenMP limit is for Tesseract's processes. Set in this process's environment,
+    it reached every later child: a training subprocess then ran over 10 times slower."""
+    monkeypatch.delenv("OMP_THREAD_LIMIT", raising=False)
+    tess = engine("tesseract")
+    assert "OMP_THREAD_LIMIT" not in os.environ
+    env = tess._tess.pytesseract.environ
+    assert env["OMP_THREAD_LIMIT"] == "1"
+    monkeypatch.setenv("CARTRIDGEOCR_PROBE", "seen")  # set after the engine: still passed on
+    assert env["CARTRIDGEOCR_PROBE"] == "seen"
+    monkeypatch.setenv("OMP_THREAD_LIMIT", "3")  # a user's own limit wins
+    assert dict(env)["OMP_THREAD_LIMIT"] == "3"
 
 
 def test_whole_strip_merge_keeps_one_direction(tilted) -> None:

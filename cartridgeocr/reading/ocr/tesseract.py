@@ -9,6 +9,7 @@ letters about 30 px high, so each strip is scaled to that and given a margin.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -21,6 +22,23 @@ INSTALL_HINT = (
 #: Characters a headstamp uses. Not passed by default: with a whitelist, Tesseract 5's LSTM
 #: drops the spaces between words and reports confidence 0.
 WHITELIST = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789&-.+x"
+
+
+class TesseractEnviron(Mapping):
+    """This process's environment as it is now, plus ``OMP_THREAD_LIMIT=1`` unless it is set:
+    the environment pytesseract gives each ``tesseract`` process."""
+
+    def _current(self) -> dict[str, str]:
+        return {"OMP_THREAD_LIMIT": "1", **os.environ}
+
+    def __getitem__(self, key: str) -> str:
+        return self._current()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
 
 
 class TesseractEngine(OcrEngine):
@@ -62,8 +80,10 @@ class TesseractEngine(OcrEngine):
         self.whitelist = whitelist
         self.language = language
         self.timeout_s = float(timeout_s)
-        # Tesseract's OpenMP threads slow small images down; parallel calls do better.
-        os.environ.setdefault("OMP_THREAD_LIMIT", "1")
+        # Tesseract's OpenMP threads slow small images down; parallel calls do better. The limit
+        # goes to Tesseract's processes only: in this process's environment it would reach every
+        # later child (a training subprocess with a 1-thread OpenMP limit runs many times slower).
+        pytesseract.pytesseract.environ = TesseractEnviron()
         self.workers = int(workers) if workers else min(4, os.cpu_count() or 1)
 
     def describe(self) -> dict:
@@ -71,7 +91,7 @@ class TesseractEngine(OcrEngine):
 
     def read_many(self, strips) -> list[list[TextPiece]]:
         """Strips in parallel: each Tesseract call is a process of its own, so threads overlap
-        them (one OpenMP thread each, set in ``__init__``, so they don't fight for cores)."""
+        them (one OpenMP thread each, see ``TesseractEnviron``, so they don't fight for cores)."""
         if len(strips) < 2 or self.workers < 2:
             return [self.read(s) for s in strips]
         from concurrent.futures import ThreadPoolExecutor
