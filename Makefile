@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: venv train test lint format ui clean-runs
+.PHONY: venv train test test-all lint format ui clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ train: $(STAMP)
 ## Run the test suite (the same command CI runs).
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+## The suite plus the tests marked slow (longer variants of what `make test` covers).
+test-all: $(STAMP)
+	$(PY) -m pytest -q --run-slow $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cartridgeocr hydra_plugins tests benchmarks scripts

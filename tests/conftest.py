@@ -21,15 +21,38 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the tests marked slow (make test-all; CARTRIDGEOCR_RUN_SLOW=1 does the same)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow repeat, through more processes or more variants, what a faster test
+    already covers; they run with --run-slow, and are skipped (and counted) otherwise."""
+    if config.getoption("--run-slow") or os.environ.get("CARTRIDGEOCR_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with `make test-all` (pytest --run-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _environment_is_restored():
-    """Each test leaves os.environ as it found it. Libraries set variables as they run (Lightning
-    its seed, Ultralytics its settings folder); left in place, they reach every later test's
-    subprocesses and make the suite depend on test order."""
-    before = dict(os.environ)
+    """Each test leaves os.environ and torch's thread count as it found them. Libraries set
+    variables as they run (Lightning its seed, Ultralytics its settings folder); left in place,
+    they reach every later test's subprocesses. A changed thread count changes the order of
+    float sums, so a later in-process run no longer matches a subprocess's to the last bit."""
+    import torch
+
+    before, threads = dict(os.environ), torch.get_num_threads()
     yield
     os.environ.clear()
     os.environ.update(before)
+    torch.set_num_threads(threads)
 
 
 def ellipse_polygon(cx: float, cy: float, a: float, b: float, n: int = 32) -> list[float]:

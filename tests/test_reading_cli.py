@@ -252,13 +252,22 @@ def test_predict_cli_reads_with_the_learned_recogniser(
             ["ocr=learned", "ocr.checkpoint=missing.ckpt"],
             "missing.ckpt: no such recogniser checkpoint",
         ),
-        (["ocr=learned", "ocr.checkpoint=RECOGNISER", "ocr.decoder=best"], "ocr.decoder=best"),
-        (
+        pytest.param(
+            ["ocr=learned", "ocr.checkpoint=RECOGNISER", "ocr.decoder=best"],
+            "ocr.decoder=best",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             ["ocr=learned", "ocr.run_id=0123456789abcdef"],
             "ocr.run_id=0123456789abcdef: no such MLflow run",
+            marks=pytest.mark.slow,
         ),
         (["refine=strong"], "refine=strong: no such choice"),
-        (["refine=edges", "refine.primer_feature=ridge"], "refine.primer_feature='ridge'"),
+        pytest.param(
+            ["refine=edges", "refine.primer_feature=ridge"],
+            "refine.primer_feature='ridge'",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_learned_and_refine_bad_overrides_are_one_line(
@@ -283,8 +292,14 @@ def test_learned_and_refine_bad_overrides_are_one_line(
     ("overrides", "words"),
     [
         (["recogniser=vit"], "recogniser=vit: no such choice; choose from crnn"),
-        (["strips.height=20"], "strips.height=20: use a multiple of 16"),
-        (["recogniser.arch=resnet"], "recogniser.arch=resnet: the only architecture is crnn"),
+        pytest.param(
+            ["strips.height=20"], "strips.height=20: use a multiple of 16", marks=pytest.mark.slow
+        ),
+        pytest.param(
+            ["recogniser.arch=resnet"],
+            "recogniser.arch=resnet: the only architecture is crnn",
+            marks=pytest.mark.slow,
+        ),
         (["strips.num_images=0"], "num_images"),
     ],
 )

@@ -89,8 +89,12 @@ def recogniser_run(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("recogniser")
     cfg = compose(TINY, config_name="train_recogniser", root_dir=root)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    metrics, objects = train_recogniser(cfg)
+    try:
+        metrics, objects = train_recogniser(cfg)
+    finally:
+        torch.set_num_threads(threads)
     return {"root": root, "metrics": metrics, "objects": objects}
 
 

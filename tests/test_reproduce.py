@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 from conftest import ROOT
 from omegaconf import OmegaConf
@@ -156,6 +157,15 @@ def test_bad_targets_are_one_line(deterministic_run, tmp_path):
     assert res.returncode == 2 and len(error_lines(res.stderr)) == 1, res.stderr
     assert "no such MLflow run" in res.stderr and "Traceback" not in res.stderr
 
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    res = run_script("cartridgeocr-reproduce", str(tmp_path / "junk.ckpt"), cwd=tmp_path)
+    assert res.returncode == 2 and len(error_lines(res.stderr)) == 1, res.stderr
+    assert "not a readable checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_more_bad_targets_are_one_line(deterministic_run, tmp_path):
+    root = deterministic_run["root"]
     res = run_script("cartridgeocr-reproduce", "0123456789abcdef", cwd=tmp_path)  # no store here
     assert res.returncode == 2 and "does not exist" in res.stderr, res.stderr
     assert not (tmp_path / "mlflow.db").exists()
@@ -167,10 +177,8 @@ def test_bad_targets_are_one_line(deterministic_run, tmp_path):
     assert res.returncode == 2 and len(error_lines(res.stderr)) == 1, res.stderr
     assert "not a CartridgeOCR training run" in res.stderr
 
-    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     for name, expected in (
-        ("junk.ckpt", "not a readable checkpoint"),
         ("plain.ckpt", "not a CartridgeOCR training checkpoint"),
         ("missing.ckpt", "no such file"),
     ):

@@ -80,6 +80,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_training_run_is_logged_through_mlflow_server_on_loopback(tmp_path: Path) -> None:
     port = _free_port()
     server_dir = tmp_path / "server"

@@ -137,6 +137,7 @@ def test_grid_sweep_through_joblib_is_one_parent_with_a_child_per_job(tmp_path: 
     ], res.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on_through_submitit(tmp_path: Path) -> None:
     """`hydra/launcher=submitit_local` runs each job as its own process; one job's bad value
     fails it alone, as a FAILED child run with its error, and the command exits 1."""

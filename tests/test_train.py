@@ -16,7 +16,12 @@ from cartridgeocr import tracking
 from cartridgeocr.train import train
 
 ARCHS = ["maskrcnn", "fasterrcnn", "retinanet"]
-BACKBONES = ["resnet18", "resnet34", "resnet50", "mobilenet_v3"]
+BACKBONES = [
+    "resnet18",
+    pytest.param("resnet34", marks=pytest.mark.slow),
+    pytest.param("resnet50", marks=pytest.mark.slow),
+    "mobilenet_v3",
+]
 
 
 def _client(tmp_path: Path) -> mlflow.MlflowClient:
@@ -198,6 +203,7 @@ def test_config_groups_compose_for_every_backend(tmp_path):
     assert (ROOT / "configs" / "augment").is_dir()
 
 
+@pytest.mark.slow
 def test_cli_trains_then_resumes_from_its_output_folder(tmp_path, tiny_coco):
     ann, images = tiny_coco
     args = [a for a in tiny_train_overrides(ann, images, ["model=retinanet", "summary=true"])]
@@ -240,6 +246,7 @@ def test_default_config_trains_on_synthetic_renders(tmp_path):
     assert list((tmp_path / ".cache" / "synthetic").glob("*/annotations.json"))
 
 
+@pytest.mark.slow
 def test_cli_multirun_sweep_records_one_run_per_job(tmp_path, tiny_coco):
     ann, images = tiny_coco
     args = tiny_train_overrides(ann, images, ["model=retinanet", "trainer.limit_train_batches=1"])
@@ -344,6 +351,7 @@ def test_runs_get_a_descriptive_default_name_and_the_training_view(tmp_path, tin
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["resnet101", "resnet152"])
 def test_azure_automl_backbones_train_a_step(tmp_path, backbone):
     ann, images = write_tiny_coco(tmp_path / "data", num_images=4)

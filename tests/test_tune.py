@@ -60,6 +60,7 @@ def _wait_for(journal: Path, done: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"no {done} complete trials within {timeout} s")
 
 
+@pytest.mark.slow
 def test_a_killed_search_started_again_ends_with_exactly_n_trials(tmp_path: Path) -> None:
     """SIGKILL after 2 of 4 trials (a third one running), run the same command again with two
     workers: 4 complete trials, the killed one FAILED and its parameters re-run, the best trial
