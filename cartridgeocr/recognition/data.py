@@ -6,12 +6,20 @@ and then through the reader's own preprocessing (`cartridgeocr.reading.unroll.pr
 greyscale and CLAHE), and is inverted half of the time, since the reader reads every strip in
 both polarities. It is then scaled to the network's input height, keeping its aspect ratio.
 Augmentation is seeded per (seed, epoch, strip), as the detector's data is.
+
+**Curriculum.** CTC first has to find where letters are before it can learn which they are;
+on whole strips (long labels, upside-down words to ignore, 30% with nothing to read) a small
+recogniser stays on the all-blank plateau. So the first ``curriculum.words_epochs`` epochs show
+single upright words cut close around them, the next ``curriculum.windows_epochs`` windows of
+1 to ``window_words`` neighbouring words, and only then the configured mix of windows and whole
+strips. The stage follows from the epoch each item carries, so a resumed run is exact.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +121,9 @@ def word_window(
     rgb: np.ndarray, item: dict, rng: np.random.Generator, cfg: dict
 ) -> tuple[np.ndarray, str]:
     """With probability ``window_p``, a window of 1 to ``window_words`` neighbouring words, cut
-    in the gaps around them, with its label. Short sequences teach CTC its alignment sooner and
-    cost less per step; whole strips (the rest) teach it to read what the reader gives it."""
+    in the gaps around them (at most ``window_pad`` strip heights beyond the outer words, when
+    set), with its label. Short sequences teach CTC its alignment sooner and cost less per
+    step; whole strips (the rest) teach it to read what the reader gives it."""
     words = item.get("words") or []
     if not words or rng.random() >= float(cfg.get("window_p", 0.5)):
         return rgb, item["text"]
@@ -124,14 +133,43 @@ def word_window(
     j = min(i + n, len(words)) - 1
     left = 0 if i == 0 else (words[i - 1][1] + words[i][0]) // 2
     right = w if j == len(words) - 1 else (words[j][1] + words[j + 1][0]) // 2 + 1
+    if cfg.get("window_pad") is not None:
+        pad = int(round(float(cfg["window_pad"]) * rgb.shape[0]))
+        left, right = max(left, words[i][0] - pad), min(right, words[j][1] + 1 + pad)
     left = int(rng.integers(left, max(left, words[i][0] - 1) + 1))
     right = int(rng.integers(min(right, words[j][1] + 2), right + 1))
     text = " ".join(t for _, _, t in words[i : j + 1])
     return np.ascontiguousarray(rgb[:, left:right]), text
 
 
+#: Curriculum stages, easiest first: single words, windows of words, the configured mix.
+STAGES = ("words", "windows", "mix")
+
+
+def curriculum_stage(curriculum: dict | None, epoch: int | None) -> str:
+    """The curriculum stage of an epoch (``mix`` without a curriculum or an epoch)."""
+    if not curriculum or epoch is None:
+        return "mix"
+    words = int(curriculum.get("words_epochs", 0) or 0)
+    windows = int(curriculum.get("windows_epochs", 0) or 0)
+    if epoch < words:
+        return "words"
+    return "windows" if epoch < words + windows else "mix"
+
+
+class EpochSampler(SeededSampler):
+    """`SeededSampler` whose items also carry their epoch, ``(index, seed, epoch)``, so the
+    dataset knows the curriculum stage, in worker processes and after a resume alike."""
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch = self.epoch
+        for index, seed in super().__iter__():
+            yield index, seed, epoch
+
+
 class StripDataset(Dataset):
-    """Cached strips with their labels. An item is an index or ``(index, seed)``."""
+    """Cached strips with their labels. An item is an index, ``(index, seed)`` or
+    ``(index, seed, epoch)`` (the epoch picks the curriculum stage)."""
 
     def __init__(
         self,
@@ -139,6 +177,7 @@ class StripDataset(Dataset):
         height: int,
         read_cfg: dict,
         augment: dict | None = None,
+        curriculum: dict | None = None,
     ) -> None:
         meta = json.loads((Path(folder) / LABELS).read_text())
         self.folder = Path(folder)
@@ -147,6 +186,18 @@ class StripDataset(Dataset):
         self.read_cfg = read_cfg
         self.augment_cfg = dict(augment or {})
         self.transforms = build_augment(self.augment_cfg)
+        self.curriculum = dict(curriculum or {})
+        #: Strips with at least one upright word (the early stages show only these).
+        self.with_words = [k for k, it in enumerate(self.items) if it.get("words")]
+
+    def window_cfg(self, stage: str) -> dict:
+        """`word_window`'s settings in a curriculum stage."""
+        if stage == "words":
+            pad = self.curriculum.get("words_pad", 0.5)
+            return {"window_p": 1.0, "window_words": 1, "window_pad": pad}
+        if stage == "windows":
+            return {**self.augment_cfg, "window_p": 1.0}
+        return self.augment_cfg
 
     def __len__(self) -> int:
         return len(self.items)
@@ -155,14 +206,17 @@ class StripDataset(Dataset):
         bgr = cv2.imread(str(self.folder / "images" / self.items[i]["file"]), cv2.IMREAD_COLOR)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, list[int], str]:
-        i, seed = item if isinstance(item, tuple) else (item, None)
+    def __getitem__(self, item: int | tuple) -> tuple[torch.Tensor, list[int], str]:
+        i, seed, epoch = (*item, None, None)[:3] if isinstance(item, tuple) else (item, None, None)
+        stage = curriculum_stage(self.curriculum, epoch)
+        if stage != "mix" and not self.items[i].get("words") and self.with_words:
+            i = self.with_words[i % len(self.with_words)]  # nothing to read: a strip with words
         rgb = self.load(i)
         text = self.items[i]["text"]
         invert = False
         if self.transforms is not None and seed is not None:
             rng = np.random.default_rng(seed)
-            rgb, text = word_window(rgb, self.items[i], rng, self.augment_cfg)
+            rgb, text = word_window(rgb, self.items[i], rng, self.window_cfg(stage))
             self.transforms.set_random_state(rng, random.Random(seed))
             rgb = self.transforms(image=rgb)["image"]
             rgb = glare_and_wear(rgb, rng, self.augment_cfg)
@@ -222,6 +276,7 @@ class StripDataModule(L.LightningDataModule):
         num_workers: int = 0,
         render_workers: int | None = None,
         augment: dict | None = None,
+        curriculum: dict | None = None,
         run_seed: int | None = 0,
         progress: bool = True,
         name: str = "synthetic",
@@ -248,6 +303,10 @@ class StripDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.render_workers = render_workers
         self.augment = augment
+        self.curriculum = dict(curriculum or {})
+        for key in ("words_epochs", "windows_epochs"):
+            if int(self.curriculum.get(key, 0) or 0) < 0:
+                raise ConfigError(f"strips.curriculum.{key}={self.curriculum[key]}: use 0 or more")
         self.run_seed = run_seed
         self.progress = progress
         self.name = name
@@ -274,7 +333,9 @@ class StripDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             folder = self._folder(self.num_images, self.seed, self.jitter)
-            self.train_set = StripDataset(folder, self.height, self.read, self.augment)
+            self.train_set = StripDataset(
+                folder, self.height, self.read, self.augment, self.curriculum
+            )
             val = self._folder(self.val_num_images, self.val_seed, self.jitter)
             self.val_set = StripDataset(val, self.height, self.read, None)
             if not len(self.train_set) or not len(self.val_set):
@@ -284,7 +345,7 @@ class StripDataModule(L.LightningDataModule):
                 )
 
     def train_dataloader(self) -> StatefulDataLoader:
-        sampler = SeededSampler(len(self.train_set), self.run_seed)
+        sampler = EpochSampler(len(self.train_set), self.run_seed)
         return StatefulDataLoader(
             self.train_set,
             batch_size=self.batch_size,

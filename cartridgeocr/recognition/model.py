@@ -1,8 +1,11 @@
 """The recogniser: a small CRNN (conv body + sequence model) trained with CTC, as a Lightning module.
 
 Input: a greyscale strip scaled to ``height`` px (32 by default), any width. The conv body
-halves the height four times and the width twice, so every output frame covers 4 strip
-columns; a sequence model gives each frame its context (``sequence: conv``, residual dilated
+halves the height four times and the width once (``stride: 2``, the default) or twice
+(``stride: 4``), so every output frame covers that many strip columns. Stamped letters on an
+unrolled ring are narrow (about 9 input columns each at height 32), and CTC needs a frame per
+letter plus a blank between repeated letters (``9MM``): at stride 4 a letter gets about two
+frames and training stays on CTC's all-blank plateau. A sequence model gives each frame its context (``sequence: conv``, residual dilated
 1-D convolutions, by default: on 16 strips it fits in 60 steps where a BiLSTM is still at
 three times the loss; or ``lstm``, the classic BiLSTM), and a linear layer gives
 each frame a distribution over the blank and `CHARSET`. About 0.3 M parameters; the four
@@ -44,7 +47,8 @@ from cartridgeocr.recognition.decode import greedy
 
 #: Checkpoint key that marks a recogniser (and describes it).
 RECOGNISER_KEY = "cartridgeocr_recogniser"
-#: Strip columns per output frame.
+#: Strip columns per output frame, the choices (the default of checkpoints that do not say).
+STRIDES = (2, 4)
 FRAME_STRIDE = 4
 
 
@@ -87,14 +91,20 @@ class CRNN(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 96),
         hidden: int = 64,
         sequence: str = "lstm",
+        stride: int = FRAME_STRIDE,
     ) -> None:
         super().__init__()
+        if int(stride) not in STRIDES:
+            raise ConfigError(
+                f"recogniser.stride={stride}: use one of {', '.join(map(str, STRIDES))}"
+            )
         c1, c2, c3, c4 = (int(c) for c in channels)
+        second = (2, 2) if int(stride) == 4 else (2, 1)
         self.body = nn.Sequential(
             _conv(1, c1),
             nn.MaxPool2d(2, 2),  # H/2, W/2
             _conv(c1, c2),
-            nn.MaxPool2d(2, 2),  # H/4, W/4
+            nn.MaxPool2d(second, second),  # H/4, W/stride
             _conv(c2, c3),
             _conv(c3, c3),
             nn.MaxPool2d((2, 1), (2, 1)),  # H/8
@@ -114,7 +124,7 @@ class CRNN(nn.Module):
         self.head = nn.Linear(hidden * 2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, 1, H, W) -> (B, T, num_classes) logits, T = ceil(W / 4)."""
+        """(B, 1, H, W) -> (B, T, num_classes) logits, T = W // stride."""
         f = self.body(x)  # B, C, H/16, T
         b, c, h, t = f.shape
         f = f.permute(0, 3, 1, 2).reshape(b, t, c * h)
@@ -123,11 +133,12 @@ class CRNN(nn.Module):
         return self.head(f)
 
 
-def output_lengths(widths: Tensor) -> Tensor:
-    """Frames the network gives for strips of these widths (two halvings, floor each)."""
-    return torch.div(torch.div(widths, 2, rounding_mode="floor"), 2, rounding_mode="floor").clamp(
-        min=1
-    )
+def output_lengths(widths: Tensor, stride: int = FRAME_STRIDE) -> Tensor:
+    """Frames the network gives for strips of these widths (a floor at each halving)."""
+    frames = torch.div(widths, 2, rounding_mode="floor")
+    if int(stride) == 4:
+        frames = torch.div(frames, 2, rounding_mode="floor")
+    return frames.clamp(min=1)
 
 
 class RecogniserModule(L.LightningModule):
@@ -142,6 +153,7 @@ class RecogniserModule(L.LightningModule):
         channels: Sequence[int] = (16, 32, 64, 96),
         hidden: int = 64,
         sequence: str = "conv",
+        stride: int = FRAME_STRIDE,
         charset: str = CHARSET,
         optim: dict | None = None,
         reading: dict | None = None,
@@ -156,7 +168,8 @@ class RecogniserModule(L.LightningModule):
         self.optim_cfg = validate_optim(dict(optim or {"name": "adamw", "lr": 1e-3}))
         self.charset = str(charset)
         self.height = int(height)
-        self.net = CRNN(len(self.charset) + 1, self.height, channels, hidden, sequence)
+        self.stride = int(stride)
+        self.net = CRNN(len(self.charset) + 1, self.height, channels, hidden, sequence, stride)
         self.ctc = nn.CTCLoss(blank=0, zero_infinity=True)
         self.gallery_size = int(gallery_size)
         self._val: dict[str, Any] = {}
@@ -167,7 +180,7 @@ class RecogniserModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         log_probs = self(batch["images"])
-        lengths = output_lengths(batch["widths"]).clamp(max=log_probs.shape[1])
+        lengths = output_lengths(batch["widths"], self.stride).clamp(max=log_probs.shape[1])
         loss = self.ctc(
             log_probs.permute(1, 0, 2), batch["targets"], lengths, batch["target_lengths"]
         )
@@ -190,7 +203,7 @@ class RecogniserModule(L.LightningModule):
     @torch.no_grad()
     def decode_batch(self, images: Tensor, widths: Tensor) -> list[str]:
         probs = self(images).exp().cpu().numpy()
-        lengths = output_lengths(widths.cpu()).tolist()
+        lengths = output_lengths(widths.cpu(), self.stride).tolist()
         return [greedy(p[: min(n, len(p))], self.charset).text for p, n in zip(probs, lengths)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -232,6 +245,7 @@ class RecogniserModule(L.LightningModule):
             "arch": self.hparams.arch,
             "charset": self.charset,
             "height": self.height,
+            "stride": self.stride,
             "reading": dict(self.hparams.reading or {}),
         }
 
