@@ -243,6 +243,44 @@ def test_predict_cli_reads_with_the_learned_recogniser(
             assert c["text"] == "" and "px across" in c["reason"]
 
 
+def test_served_reader_carries_the_learned_recogniser(trained, recogniser, tmp_path) -> None:
+    """``ocr=learned`` served: the recogniser run's checkpoint goes into the model folder, so the
+    model reads without the store it came from; a detector checkpoint given as the recogniser
+    is one line."""
+    import mlflow
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from cartridgeocr.errors import ConfigError
+    from cartridgeocr.serving.log import LogReaderModel, reader_config, save_reader_model
+
+    root = next(p for p in recogniser.parents if (p / "mlflow.db").is_file())
+    run_id = next(root.glob("outputs/*/*/mlflow_run_id.txt")).read_text().strip()
+    permissive = OmegaConf.to_container(OmegaConf.from_dotlist(PERMISSIVE))
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    over = {**permissive, "ocr": {"run_id": run_id, "tracking_uri": store}}
+    cfg = reader_config("learned", over)
+    path = save_reader_model(tmp_path / "model", trained["checkpoint"], cfg)
+    saved = OmegaConf.load(path / "artifacts" / "reader_config.yaml")
+    assert saved.ocr.run_id is None and saved.ocr.checkpoint is None
+    assert saved.model_info.recogniser.startswith(f"runs:/{run_id}/")
+
+    model = mlflow.pyfunc.load_model(str(path))
+    engine = model.unwrap_python_model().reader.ocr
+    assert engine.name == "learned" and Path(engine.source).is_relative_to(path)
+    photo = next(trained["photos"].glob("*.jpg"))
+    b64 = base64.b64encode(photo.read_bytes()).decode()
+    (pred,) = model.predict(pd.DataFrame({"image": [b64]}))
+    assert (pred["width"], pred["height"]) == (192, 192) and pred["cartridges"]
+    assert all(isinstance(c["text"], str) for c in pred["cartridges"])
+
+    bad = reader_config("learned", {"ocr": {"checkpoint": trained["checkpoint"]}})
+    with pytest.raises(ConfigError, match="not a recogniser checkpoint"):
+        save_reader_model(tmp_path / "bad", trained["checkpoint"], bad)
+    with pytest.raises(ConfigError, match="callbacks.reader_model.recogniser"):
+        LogReaderModel(ocr="learned")
+
+
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [

@@ -3,7 +3,9 @@ logs one at the end of every run (``model/`` in the run's artifacts).
 
 The model is "from code": MLflow stores `reader_model.py` itself (no pickled objects), plus two
 artifacts: the detector checkpoint and the reader's config (``reading`` and ``ocr`` nodes as
-in configs/predict.yaml). Saving runs nothing: the signature is declared, not inferred, and
+in configs/predict.yaml), and with ``ocr=learned`` a third, the recogniser's checkpoint (from
+``ocr.checkpoint`` or the best checkpoint of ``ocr.run_id``), so the model folder serves
+without the store it came from. Saving runs nothing: the signature is declared, not inferred, and
 the requirements are this package's own.
 """
 
@@ -23,6 +25,8 @@ log = logging.getLogger("cartridgeocr.serving")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 MODEL_FILE = Path(__file__).resolve().parent / "reader_model.py"
+#: The artifact that holds the recogniser's checkpoint of an ``ocr=learned`` reader.
+RECOGNISER_ARTIFACT = "recogniser"
 
 
 def reader_config(
@@ -93,21 +97,47 @@ def requirements() -> list[str]:
     return [r.split(";")[0].strip() for r in reqs if "extra ==" not in r]
 
 
+def is_learned(cfg: DictConfig) -> bool:
+    """Whether the reader config reads with the trained recogniser (``ocr=learned``)."""
+    return str(cfg.get("ocr", {}).get("_target_", "")).endswith(".LearnedOcr")
+
+
 def save_reader_model(path: str | Path, checkpoint: str | Path, cfg: DictConfig) -> Path:
-    """Write the pyfunc model folder at ``path`` (which must not exist)."""
+    """Write the pyfunc model folder at ``path`` (which must not exist). With ``ocr=learned``
+    the recogniser's checkpoint goes in too, and the saved config points at it."""
     import mlflow
 
     path = Path(path)
+    artifacts = {"checkpoint": str(checkpoint)}
     with tempfile.TemporaryDirectory() as tmp:
+        if is_learned(cfg):
+            from cartridgeocr.reading.ocr.learned import fetch_recogniser
+            from cartridgeocr.recognition.model import load_recogniser
+
+            ocr = cfg.ocr
+            recogniser, source = fetch_recogniser(
+                ocr.get("checkpoint"), ocr.get("run_id"), ocr.get("tracking_uri"),
+                ocr.get("root_dir") or ".", tmp,
+            )  # fmt: skip
+            load_recogniser(recogniser)  # one line now for a checkpoint that is no recogniser
+            artifacts[RECOGNISER_ARTIFACT] = str(recogniser)
+            cfg = OmegaConf.merge(
+                cfg,
+                {
+                    "ocr": {"checkpoint": None, "run_id": None, "tracking_uri": None},
+                    "model_info": {"recogniser": source},
+                },
+            )
         cfg_path = Path(tmp) / "reader_config.yaml"
         OmegaConf.save(cfg, cfg_path)
+        artifacts["reader_config"] = str(cfg_path)
         with warnings.catch_warnings():
             # An input example would make MLflow run the model while saving it: declined.
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             mlflow.pyfunc.save_model(
                 path=str(path),
                 python_model=str(MODEL_FILE),
-                artifacts={"checkpoint": str(checkpoint), "reader_config": str(cfg_path)},
+                artifacts=artifacts,
                 signature=signature(),
                 pip_requirements=requirements(),
             )
@@ -128,9 +158,27 @@ class LogReaderModel(Callback):
     model, so ``mlflow models serve -m runs:/<run id>/model --env-manager local`` reads photos.
     A failure is logged as a warning: it must never lose the training run."""
 
-    def __init__(self, ocr: str = "rapidocr", overrides: dict | None = None) -> None:
+    def __init__(
+        self, ocr: str = "rapidocr", overrides: dict | None = None, recogniser: str | None = None
+    ) -> None:
         self.ocr = ocr
-        self.overrides = overrides
+        self.overrides = dict(overrides or {})
+        if recogniser:  # ocr=learned: a recogniser checkpoint file, or its MLflow run id
+            key = "checkpoint" if Path(str(recogniser)).suffix == ".ckpt" else "run_id"
+            self.overrides = OmegaConf.merge(self.overrides, {"ocr": {key: str(recogniser)}})
+        if ocr == "learned":
+            from cartridgeocr.errors import ConfigError
+
+            given = OmegaConf.create(self.overrides).get("ocr") or {}
+            if not (given.get("checkpoint") or given.get("run_id")):
+                raise ConfigError(
+                    "callbacks.reader_model.recogniser: ocr=learned serves a trained recogniser; "
+                    "give its checkpoint (.ckpt) or its MLflow run id"
+                )
+            if given.get("checkpoint") and not Path(str(given["checkpoint"])).is_file():
+                raise ConfigError(
+                    f"callbacks.reader_model.recogniser={given['checkpoint']}: no such file"
+                )
 
     def on_train_end(self, trainer, pl_module) -> None:
         from lightning.pytorch.loggers import MLFlowLogger
@@ -145,6 +193,8 @@ class LogReaderModel(Callback):
         try:
             info = {"run_id": logger.run_id, "backend": getattr(pl_module, "backend", "?")}
             cfg = reader_config(self.ocr, self.overrides, model_info=info)
+            if is_learned(cfg) and not cfg.ocr.get("tracking_uri"):
+                cfg.ocr.tracking_uri = getattr(logger, "_tracking_uri", None)  # the run's store
             log_reader_model(logger.experiment, logger.run_id, path, cfg)
         except Exception as exc:  # never lose a finished training run to the serving export
             log.warning("could not log the reader model: %s", exc)

@@ -30,6 +30,8 @@ from mlflow.pyfunc import PythonModel
 #: Keys of ``artifacts`` the model needs (see `cartridgeocr.serving.log.save_reader_model`).
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "reader_config"
+#: Present with ``ocr=learned``: the recogniser's checkpoint.
+RECOGNISER_ARTIFACT = "recogniser"
 
 
 class HeadstampReaderModel(PythonModel):
@@ -43,6 +45,8 @@ class HeadstampReaderModel(PythonModel):
 
         setup_environment()
         cfg = OmegaConf.load(context.artifacts[CONFIG_ARTIFACT])
+        if RECOGNISER_ARTIFACT in context.artifacts:
+            cfg.ocr.checkpoint = context.artifacts[RECOGNISER_ARTIFACT]
         predictor = Predictor(
             load_detector(context.artifacts[CHECKPOINT_ARTIFACT]),
             batch_size=1,

@@ -5,7 +5,7 @@ The reading pipeline hands it every strip both ways up and in both polarities, a
 greyscale + CLAHE, as it does for every engine; the recogniser was trained on strips made the
 same way. All variants of a casing go through the network in one batch. Words are split at
 the spaces the recogniser reads, and placed on the strip by the frames their characters were
-emitted at (a frame is 4 input columns).
+emitted at (a frame is ``recogniser.stride`` input columns).
 
 Decoding is greedy or a CTC beam search (``decoder: beam``) whose best hypotheses are
 re-ranked by the headstamp lexicon (``lexicon: true``): a hypothesis gains ``lexicon_bonus``
@@ -32,17 +32,31 @@ def load_recogniser_source(
     checkpoint: str | None, run_id: str | None, tracking_uri: str | None, root_dir: str | Path
 ):
     """(recogniser module, where it came from) from ``ocr.checkpoint`` or ``ocr.run_id``."""
+    import tempfile
+
     from cartridgeocr.recognition.model import load_recogniser
 
+    with tempfile.TemporaryDirectory(prefix="cartridgeocr-recogniser-") as dst:
+        path, source = fetch_recogniser(checkpoint, run_id, tracking_uri, root_dir, dst)
+        return load_recogniser(path), source
+
+
+def fetch_recogniser(
+    checkpoint: str | None,
+    run_id: str | None,
+    tracking_uri: str | None,
+    root_dir: str | Path,
+    dst: str | Path,
+) -> tuple[Path, str]:
+    """(local checkpoint file, where it came from) for ``ocr.checkpoint`` or ``ocr.run_id``; a
+    run's ``checkpoints/best.ckpt`` is downloaded into ``dst`` (`load_recogniser` checks it)."""
     if bool(checkpoint) == bool(run_id):
         raise ConfigError(
             "ocr=learned: give exactly one of ocr.checkpoint=PATH or ocr.run_id=ID "
             "(a cartridgeocr-train-recogniser run)"
         )
     if checkpoint:
-        return load_recogniser(checkpoint), str(checkpoint)
-
-    import tempfile
+        return Path(checkpoint), str(checkpoint)
 
     import mlflow
 
@@ -62,14 +76,13 @@ def load_recogniser_source(
         )
     from cartridgeocr.tracking import BEST_CKPT, CHECKPOINT_DIR
 
-    with tempfile.TemporaryDirectory(prefix="cartridgeocr-recogniser-") as dst:
-        try:
-            path = client.download_artifacts(str(run_id), f"{CHECKPOINT_DIR}/{BEST_CKPT}", dst)
-        except Exception:
-            raise ConfigError(
-                f"ocr.run_id={run_id}: the run has no {CHECKPOINT_DIR}/{BEST_CKPT} (still training?)"
-            ) from None
-        return load_recogniser(path), f"runs:/{run_id}/{CHECKPOINT_DIR}/{BEST_CKPT}"
+    try:
+        path = client.download_artifacts(str(run_id), f"{CHECKPOINT_DIR}/{BEST_CKPT}", str(dst))
+    except Exception:
+        raise ConfigError(
+            f"ocr.run_id={run_id}: the run has no {CHECKPOINT_DIR}/{BEST_CKPT} (still training?)"
+        ) from None
+    return Path(path), f"runs:/{run_id}/{CHECKPOINT_DIR}/{BEST_CKPT}"
 
 
 class LearnedOcr(OcrEngine):
@@ -138,7 +151,7 @@ class LearnedOcr(OcrEngine):
         import torch
 
         from cartridgeocr.recognition.data import to_input
-        from cartridgeocr.recognition.model import FRAME_STRIDE, output_lengths
+        from cartridgeocr.recognition.model import output_lengths
 
         if not strips:
             return []
@@ -150,12 +163,12 @@ class LearnedOcr(OcrEngine):
         widths = torch.tensor([x.shape[1] for x in inputs])
         with torch.inference_mode():
             probs = self.model(torch.from_numpy(batch).to(self.device)).exp().cpu().numpy()
-        lengths = output_lengths(widths).tolist()
+        lengths = output_lengths(widths, self.model.stride).tolist()
         out = []
         for p, n, x, strip in zip(probs, lengths, inputs, strips, strict=True):
             decoded = self._decode(p[: min(n, len(p))])
             scale = strip.shape[1] / float(x.shape[1])  # strip columns per input column
-            out.append(self._pieces(decoded, FRAME_STRIDE * scale, strip.shape[1]))
+            out.append(self._pieces(decoded, self.model.stride * scale, strip.shape[1]))
         return out
 
     def _decode(self, probs: np.ndarray):
