@@ -23,6 +23,15 @@ def setup_environment() -> None:
     # Console logging is configured once, by Hydra (configs/hydra/default.yaml: job_logging).
 
 
+#: Flags with which a command only prints help: nothing trains, so heavy imports can wait.
+HELP_FLAGS = ("--help", "-h", "--hydra-help")
+
+
+def help_requested(argv: list[str]) -> bool:
+    """Whether the command line asks for help (Lightning's 9 s import is then skipped)."""
+    return any(arg in HELP_FLAGS for arg in argv)
+
+
 def configure_console_logging(level: int = logging.INFO) -> None:
     """For the commands Hydra does not run (tune, compare): messages only, through rich, on
     stderr; Lightning's per-run chatter (accelerator, hints) only when it is a warning."""

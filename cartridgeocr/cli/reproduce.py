@@ -16,7 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-import lightning.pytorch  # noqa: F401  (it adds a console handler on import: replaced below)
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -65,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
+    import lightning.pytorch  # noqa: F401  (it adds a console handler on import: replaced below)
+
     handler = RichHandler(console=console, show_path=False, show_time=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import traceback
 from pathlib import Path
 
 import hydra
-import lightning.pytorch  # noqa: F401  (its console handler must exist before Hydra's logging config replaces it)
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -18,10 +18,14 @@ from rich.table import Table
 from cartridgeocr.cli.common import (
     check_overrides,
     console,
+    help_requested,
     one_line,
     run_guarded,
     setup_environment,
 )
+
+if not help_requested(sys.argv[1:]):  # help is printed without Lightning's 9 s import
+    import lightning.pytorch  # noqa: F401  (its console handler must exist before Hydra's logging config replaces it)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -155,8 +159,6 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    import sys
-
     from cartridgeocr.experiments.sweep import sweep_arguments
 
     setup_environment()

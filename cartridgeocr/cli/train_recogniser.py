@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hydra
-import lightning.pytorch  # noqa: F401  (its console handler must exist before Hydra's logging config replaces it)
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.panel import Panel
 from rich.table import Table
 
 from cartridgeocr.cli.common import check_overrides, console, run_guarded, setup_environment
+
+# Imports Lightning first (unless only help is asked for), before Hydra's logging config.
 from cartridgeocr.cli.train import CONFIG_DIR, resume_config
 
 
