@@ -12,7 +12,8 @@ on whole strips (long labels, upside-down words to ignore, 30% with nothing to r
 recogniser stays on the all-blank plateau. So the first ``curriculum.words_epochs`` epochs show
 single upright words cut close around them, the next ``curriculum.windows_epochs`` windows of
 1 to ``window_words`` neighbouring words, and only then the configured mix of windows and whole
-strips. The stage follows from the epoch each item carries, so a resumed run is exact.
+strips. The stage follows from the epoch each item carries, so data-loader workers and a
+resumed run are in the same stage as the trainer.
 """
 
 from __future__ import annotations
@@ -140,10 +141,6 @@ def word_window(
     right = int(rng.integers(min(right, words[j][1] + 2), right + 1))
     text = " ".join(t for _, _, t in words[i : j + 1])
     return np.ascontiguousarray(rgb[:, left:right]), text
-
-
-#: Curriculum stages, easiest first: single words, windows of words, the configured mix.
-STAGES = ("words", "windows", "mix")
 
 
 def curriculum_stage(curriculum: dict | None, epoch: int | None) -> str:
