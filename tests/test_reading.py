@@ -26,6 +26,10 @@ def engine(name: str):
             from cartridgeocr.reading.ocr.rapidocr import RapidOcrEngine
 
             return RapidOcrEngine()
+        if name.startswith("ppocr"):
+            from cartridgeocr.reading.ocr.ppocr import PpOcrEngine
+
+            return PpOcrEngine(model=name.partition(":")[2] or "v6_small")
         from cartridgeocr.reading.ocr.tesseract import TesseractEngine
 
         return TesseractEngine()
@@ -38,7 +42,7 @@ def tilted():
     return tilted_headstamp(OUTWARD, INWARD, tilt_deg=35)
 
 
-@pytest.mark.parametrize("name", ["rapidocr", "tesseract"])
+@pytest.mark.parametrize("name", ["rapidocr", "tesseract", "ppocr:v6_small", "ppocr:v6_tiny"])
 def test_tilted_ring_is_unrolled_and_read_back_in_both_directions(tilted, name) -> None:
     """A 35-degree tilt, two words stamped outward and two inward: every installed backend
     reads all four, each once although the strip's 90-degree overlap shows some twice."""

@@ -171,7 +171,9 @@ def cut_probabilities(probs: np.ndarray, columns: np.ndarray, also) -> np.ndarra
     return out
 
 
-def to_ppocr_input(strips: list[np.ndarray], height: int = PPOCR_HEIGHT) -> tuple[np.ndarray, list[int]]:
+def to_ppocr_input(
+    strips: list[np.ndarray], height: int = PPOCR_HEIGHT
+) -> tuple[np.ndarray, list[int]]:
     """Strips (H x W uint8, grey or RGB) -> one ``(N, 3, height, W_max)`` batch, each scaled to
     ``height`` keeping its aspect ratio, padded on the right with zeros (PaddleOCR's padding
     value after normalisation), and the width of each before padding."""

@@ -55,3 +55,31 @@ def to_rgb(strip: np.ndarray) -> np.ndarray:
 
 def to_grey(strip: np.ndarray) -> np.ndarray:
     return strip if strip.ndim == 2 else strip.mean(axis=2).round().astype(np.uint8)
+
+
+def pieces_from_decoded(
+    decoded, cols_per_frame: float, width: float, min_confidence: float = 0.0
+) -> list[TextPiece]:
+    """A CTC decode (``text``, per-character ``frames`` and ``confidences``, as
+    `recognition.decode` returns it) -> one piece per word (characters between spaces), placed
+    in strip columns by the frames its characters were emitted at: from a frame before its
+    first character to two after its last (a character's frame lies near its left edge).
+    Words whose mean character confidence is below ``min_confidence`` are dropped."""
+    pieces = []
+    word: list[tuple[str, int, float]] = []
+    for ch, frame, conf in [
+        *zip(decoded.text, decoded.frames, decoded.confidences),
+        (" ", 0, 0.0),
+    ]:
+        if ch != " ":
+            word.append((ch, frame, conf))
+            continue
+        if word:
+            confs = [c for _, _, c in word]
+            x0 = max((word[0][1] - 1.0) * cols_per_frame, 0.0)
+            x1 = min((word[-1][1] + 2.0) * cols_per_frame, float(width))
+            piece = TextPiece("".join(c for c, _, _ in word), float(np.mean(confs)), x0, x1, confs)
+            if piece.confidence >= min_confidence:
+                pieces.append(piece)
+            word = []
+    return pieces

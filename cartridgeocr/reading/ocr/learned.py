@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cartridgeocr.errors import ConfigError
-from cartridgeocr.reading.ocr.base import OcrEngine, TextPiece, to_grey
+from cartridgeocr.reading.ocr.base import OcrEngine, TextPiece, pieces_from_decoded, to_grey
 
 log = logging.getLogger("cartridgeocr.reading.ocr")
 
@@ -182,27 +182,7 @@ class LearnedOcr(OcrEngine):
         return hypotheses[0]
 
     def _pieces(self, decoded, cols_per_frame: float, width: int) -> list[TextPiece]:
-        """One piece per word (characters between spaces), placed by its characters' frames."""
-        pieces = []
-        word: list[tuple[str, int, float]] = []
-        for ch, frame, conf in [
-            *zip(decoded.text, decoded.frames, decoded.confidences),
-            (" ", 0, 0.0),
-        ]:
-            if ch != " ":
-                word.append((ch, frame, conf))
-                continue
-            if word:
-                confs = [c for _, _, c in word]
-                x0 = max((word[0][1] - 1.0) * cols_per_frame, 0.0)
-                x1 = min((word[-1][1] + 2.0) * cols_per_frame, float(width))
-                piece = TextPiece(
-                    "".join(c for c, _, _ in word), float(np.mean(confs)), x0, x1, confs
-                )
-                if piece.confidence >= self.min_confidence:
-                    pieces.append(piece)
-                word = []
-        return pieces
+        return pieces_from_decoded(decoded, cols_per_frame, width, self.min_confidence)
 
 
 def default_threads() -> int:
