@@ -2,7 +2,9 @@
 usual confusions on stamped metal (O/0, I/1, S/5, B/8, Z/2, G/6, D/0).
 
 The lexicon (``reading/data/lexicon.yaml``, or any file with the same keys) holds maker codes,
-calibres and words as they are stamped, plus regular expressions for years and numbers. A piece
+calibres and words as they are stamped, plus regular expressions for years and numbers; the
+packaged one takes its maker codes, calibre spellings and year patterns from the headstamp table
+(``reading/data/headstamps.yaml``) that `cartridgeocr.reading.identify` reads too. A piece
 such as ``MRLUGER`` or ``WIN·USA`` is segmented by dynamic programming into the cheapest
 sequence of lexicon matches and skipped characters: each skipped character costs 1, each
 match its weighted edit distance, and a match is only allowed when that distance is at most
@@ -18,12 +20,16 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from rapidfuzz.distance import Levenshtein
 
 from cartridgeocr.errors import ConfigError
 from cartridgeocr.reading.text import normalise_token
+
+if TYPE_CHECKING:
+    from cartridgeocr.reading.identify import HeadstampTable
 
 #: Look-alike characters mapped to one class; a substitution within a class costs CONFUSION_COST.
 _SHAPE = str.maketrans(
@@ -68,6 +74,8 @@ class Lexicon:
         source: str = "",
     ) -> None:
         self.source = source
+        #: The headstamp table the lexicon took entries from (`Lexicon.load`), if any.
+        self.headstamps: HeadstampTable | None = None
         self.max_cost = float(max_cost)
         self.keep_unmatched = bool(keep_unmatched)
         self.spelling: dict[str, str] = {}
@@ -85,7 +93,11 @@ class Lexicon:
         cls, path: str | Path | None = None, max_cost: float = 0.25, keep_unmatched: bool = False
     ) -> Lexicon:
         """The packaged lexicon, or a YAML file with ``makers``, ``calibres``, ``words`` and
-        ``patterns`` lists (any may be missing)."""
+        ``patterns`` lists (any may be missing), and optionally ``headstamps``: a headstamp
+        table (`cartridgeocr.reading.identify`; a path relative to the lexicon file) whose maker
+        codes, calibre spellings and year patterns join the lists, so that one file holds them."""
+        from cartridgeocr.reading.identify import HeadstampTable, packaged_table
+
         if path:
             p = Path(path)
             if not p.is_file():
@@ -100,12 +112,41 @@ class Lexicon:
             raise ConfigError(f"{source}: not valid YAML ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected keys makers, calibres, words, patterns")
-        entries = [str(e) for key in ("makers", "calibres", "words") for e in data.get(key) or []]
-        patterns = [str(p) for p in data.get("patterns") or []]
+        table = None
+        if data.get("headstamps"):
+            name = data["headstamps"]
+            if not isinstance(name, str):
+                raise ConfigError(f"{source}: headstamps: expected a file name")
+            if path:
+                table_path = Path(path).parent / name
+                if not table_path.is_file():
+                    raise ConfigError(
+                        f"{source}: headstamps={name}: file not found (looked for {table_path}, "
+                        "beside the lexicon file)"
+                    )
+                table = HeadstampTable.load(table_path)
+            elif name == "headstamps.yaml":
+                table = packaged_table()
+            else:
+                raise ConfigError(f"{source}: headstamps={name}: not a packaged table")
+        lists = {}
+        for key in ("makers", "calibres", "words", "patterns"):
+            value = data.get(key) or []
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: {key}: expected a list")
+            lists[key] = [str(e) for e in value]
+        makers, calibres, patterns = lists["makers"], lists["calibres"], lists["patterns"]
+        if table is not None:
+            makers = table.maker_tokens() + makers
+            calibres = table.calibre_tokens() + calibres
+            patterns = table.year_patterns() + patterns
+        entries = makers + calibres + lists["words"]
         try:
-            return cls(entries, patterns, max_cost, keep_unmatched, source)
+            lexicon = cls(entries, patterns, max_cost, keep_unmatched, source)
         except re.error as exc:
             raise ConfigError(f"{source}: bad pattern ({exc})") from None
+        lexicon.headstamps = table
+        return lexicon
 
     def __len__(self) -> int:
         return len(self.spelling)
