@@ -8,7 +8,11 @@ probability of ending in a blank and in its last character, so repeated letters 
 blanks are merged correctly. Only characters with probability above ``prune`` at a frame are
 tried. **Lexicon**: of the ``beam_width`` best prefixes, the one with the highest
 ``log p + lexicon_bonus x (characters in words spelled as the headstamp lexicon has them)`` wins, so
-``9MM LUGER`` beats ``9MM LUCER`` when the model hesitates between them.
+``9MM LUGER`` beats ``9MM LUCER`` when the model hesitates between them. Years and numbers
+count as known where they fit the lexicon's patterns (``1985``, ``85``, ``223``). **Reject**:
+with ``reject_below``, a strip where no hypothesis holds a known token and the most probable
+one is unsure (mean character confidence below the threshold) decodes to nothing, marked
+``rejected``, rather than to letters read into scratches and knurling.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ class Decoded:
     log_prob: float
     frames: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
+    #: True when `rerank_with_lexicon` turned the strip down (``text`` is then empty).
+    rejected: bool = False
+
+    @property
+    def confidence(self) -> float:
+        """Mean per-character confidence (0 for no characters)."""
+        return float(np.mean(self.confidences)) if self.confidences else 0.0
 
 
 def greedy(probs: np.ndarray, charset: str = CHARSET) -> Decoded:
@@ -121,6 +132,22 @@ def lexicon_known_chars(text: str, lexicon) -> int:
     return known
 
 
-def rerank_with_lexicon(hypotheses: list[Decoded], lexicon, bonus: float = 1.0) -> Decoded:
-    """The hypothesis with the best ``log p + bonus x lexicon-known characters``."""
-    return max(hypotheses, key=lambda d: d.log_prob + bonus * lexicon_known_chars(d.text, lexicon))
+def rerank_with_lexicon(
+    hypotheses: list[Decoded],
+    lexicon,
+    bonus: float = 1.0,
+    reject_below: float | None = None,
+) -> Decoded:
+    """The hypothesis with the best ``log p + bonus x lexicon-known characters``.
+
+    ``reject_below`` (None: never reject): when no hypothesis has a lexicon-known character and
+    the most probable one's mean character confidence is below it, an empty `Decoded` with
+    ``rejected=True`` (and that hypothesis' ``log_prob``) is returned instead, so that a strip
+    with nothing a headstamp would say is not passed on as text."""
+    known = [lexicon_known_chars(d.text, lexicon) for d in hypotheses]
+    if reject_below is not None and not any(known):
+        likeliest = max(hypotheses, key=lambda d: d.log_prob)
+        if likeliest.confidence < reject_below:
+            return Decoded("", likeliest.log_prob, rejected=True)
+    best = max(range(len(hypotheses)), key=lambda k: hypotheses[k].log_prob + bonus * known[k])
+    return hypotheses[best]
