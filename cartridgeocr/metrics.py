@@ -70,7 +70,15 @@ VAL_EXACT = "val/exact_match"
 
 READ_PAIRING_ACCURACY = "read/pairing_accuracy"
 #: Reading measures, each logged under every prefix of READING_PREFIXES.
-READING_MEASURES = ("token_recall", "token_precision", "exact_match", "cer", "casings")
+READING_MEASURES = (
+    "token_recall",
+    "token_precision",
+    "exact_match",
+    "cer",
+    "casings",
+    "maker_accuracy",
+    "calibre_accuracy",
+)
 
 
 def reading_metric(measure: str, ground_truth_geometry: bool = False, legible: bool = True) -> str:

@@ -8,7 +8,10 @@ Ground truth: casings carry ``headstamp_text`` (the synthetic renders; ordered, 
 For every true casing the headstamp is read twice: on the **predicted** geometry (the
 cartridge the detector found there, matched by ellipse IoU >= 0.5; none found reads as empty)
 and on the **ground-truth** ellipses, which separates reading errors from detection errors.
-Metric names are defined in `cartridgeocr.metrics`.
+Each reading is also identified (`cartridgeocr.reading.identify`: maker, calibre) and compared with
+the identification of the true tokens, the reference: ``maker_accuracy`` and ``calibre_accuracy``
+are the shares of casings whose true tokens name a maker (calibre) where the reading names the
+same one. Metric names are defined in `cartridgeocr.metrics`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cartridgeocr.metrics import (
     DetectionEvaluator,
     reading_metric,
 )
+from cartridgeocr.reading.identify import HeadstampTable, Identification, identify
 from cartridgeocr.reading.pipeline import Reader, Reading
 from cartridgeocr.reading.postprocess import Part, PostprocessConfig, pair_primers
 from cartridgeocr.reading.text import cer, normalise_token, split_tokens, token_matches
@@ -63,6 +67,7 @@ class CasingScore:
     predicted: Reading | None = None
     on_truth: Reading | None = None
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # "pred"/"gt" -> measures
+    reference: Identification | None = None  # what the true tokens say (maker, calibre, year)
 
 
 def true_casings(record: ImageRecord) -> list[TrueCasing]:
@@ -103,7 +108,11 @@ def annotation_ellipse(a: Annotation) -> Ellipse:
     return ellipse_from_box(a.bbox)
 
 
-def score_reading(reading: Reading | None, truth: TrueCasing) -> dict[str, float]:
+def score_reading(
+    reading: Reading | None, truth: TrueCasing, table: HeadstampTable | None = None
+) -> dict[str, float]:
+    """Token and identification measures of one reading (None: nothing read) against the truth;
+    both are identified with ``table`` (None: the packaged headstamp table)."""
     tokens = reading.tokens if reading is not None else []
     found = token_matches(tokens, truth.tokens)
     n_pred = len([t for t in tokens if normalise_token(t)])
@@ -115,11 +124,25 @@ def score_reading(reading: Reading | None, truth: TrueCasing) -> dict[str, float
         "true": float(n_true),
         "exact": exact,
         "cer": cer(tokens, truth.tokens, truth.ordered),
+        **_identification_scores(identify(tokens, table), identify(truth.tokens, table)),
     }
 
 
+def _identification_scores(got: Identification, ref: Identification) -> dict[str, float]:
+    """1/0 flags: does the truth name a maker (calibre), and does the reading name the same."""
+    out = {}
+    for part, mine, theirs in (
+        ("maker", got.maker_key, ref.maker_key),
+        ("calibre", got.calibre, ref.calibre),
+    ):
+        out[f"{part}_known"] = float(theirs is not None)
+        out[f"{part}_ok"] = float(theirs is not None and mine == theirs)
+    return out
+
+
 def aggregate(rows: Sequence[CasingScore], key: str, detected_only_precision: bool) -> dict:
-    """token_recall, token_precision, exact_match, cer, casings over rows' scores[key]."""
+    """token_recall, token_precision, exact_match, cer, casings, maker_accuracy and
+    calibre_accuracy (-1 where no true tokens name a maker or calibre) over rows' scores[key]."""
     scored = [r for r in rows if key in r.scores]
     if not scored:
         return {}
@@ -128,12 +151,18 @@ def aggregate(rows: Sequence[CasingScore], key: str, detected_only_precision: bo
     prec_rows = [r for r in scored if r.detected or not detected_only_precision]
     pred = sum(r.scores[key]["predicted"] for r in prec_rows)
     found_p = sum(r.scores[key]["found"] for r in prec_rows)
+    accuracy = {}
+    for part in ("maker", "calibre"):
+        known = sum(r.scores[key].get(f"{part}_known", 0.0) for r in scored)
+        ok = sum(r.scores[key].get(f"{part}_ok", 0.0) for r in scored)
+        accuracy[f"{part}_accuracy"] = ok / known if known else -1.0
     return {
         "token_recall": found / true if true else 0.0,
         "token_precision": found_p / pred if pred else 0.0,
         "exact_match": float(np.mean([r.scores[key]["exact"] for r in scored])),
         "cer": float(np.mean([r.scores[key]["cer"] for r in scored])),
         "casings": float(len(scored)),
+        **accuracy,
     }
 
 
@@ -149,13 +178,14 @@ def evaluate_reading(
     predictor = reader.predictor
     with_masks = predictor.with_masks if predictor is not None else False
     det_eval = DetectionEvaluator(with_masks, f1_score_threshold) if predicted_geometry else None
+    table = getattr(reader, "headstamps", None)
     rows: list[CasingScore] = []
     images: list[dict] = []
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(index.records))
         for record in index.records:
             truths = true_casings(record)
-            casing_rows = [CasingScore(t) for t in truths]
+            casing_rows = [CasingScore(t, reference=identify(t.tokens, table)) for t in truths]
             image_row: dict[str, Any] = {"file_name": record.file_name, "casings": len(truths)}
             image, scale = None, 1.0
             if predicted_geometry:
@@ -173,7 +203,7 @@ def evaluate_reading(
                         dets.masks_at(record.height, record.width),
                     )
                 det_eval.update([dets], [target_of(record, with_masks)])
-                _match_predictions(casing_rows, result)
+                _match_predictions(casing_rows, result, table)
                 image_row["cartridges"] = len(result.cartridges)
                 image_row["timings"] = result.timings
             if gt_geometry and truths:
@@ -189,7 +219,7 @@ def evaluate_reading(
                     casing_rows, reader.read_rings(image, rings, scale), strict=True
                 ):
                     row.on_truth = reading
-                    row.scores["gt"] = score_reading(reading, row.truth)
+                    row.scores["gt"] = score_reading(reading, row.truth, table)
             rows += casing_rows
             images.append(image_row)
             bar.advance(task)
@@ -209,7 +239,9 @@ def evaluate_reading(
     return metrics, rows, images
 
 
-def _match_predictions(rows: list[CasingScore], result) -> None:
+def _match_predictions(
+    rows: list[CasingScore], result, table: HeadstampTable | None = None
+) -> None:
     """Greedy one-to-one match of true casings to predicted cartridges by ellipse IoU."""
     pairs = []
     for i, row in enumerate(rows):
@@ -234,7 +266,7 @@ def _match_predictions(rows: list[CasingScore], result) -> None:
                 and ellipse_iou(row.truth.primer, cart.primer.ellipse) >= MATCH_IOU
             )
     for row in rows:
-        row.scores["pred"] = score_reading(row.predicted, row.truth)
+        row.scores["pred"] = score_reading(row.predicted, row.truth, table)
 
 
 def _read_side(reader: Reader) -> int | None:
@@ -247,32 +279,40 @@ TABLE_COLUMNS = [
     "image",
     "legible",
     "true_tokens",
+    "true_id",
     "detected",
     "pairing_ok",
     "read",
+    "read_id",
     "read_recall",
     "read_cer",
     "read_on_gt",
+    "gt_id",
     "gt_recall",
     "gt_cer",
 ]
 
 
 def table_rows(rows: Sequence[CasingScore]) -> list[dict]:
+    """One dict per casing; the ``*_id`` columns read ``maker | calibre | year``, ``?`` unknown."""
     out = []
     for r in rows:
         pred, gt = r.scores.get("pred"), r.scores.get("gt")
+        reference = r.reference if r.reference is not None else identify(r.truth.tokens)
         out.append(
             {
                 "image": r.truth.image,
                 "legible": r.truth.legible,
                 "true_tokens": " ".join(r.truth.tokens),
+                "true_id": reference.summary(),
                 "detected": r.detected,
                 "pairing_ok": "" if r.pairing_ok is None else r.pairing_ok,
                 "read": r.predicted.text if r.predicted else "",
+                "read_id": r.predicted.identify().summary() if r.predicted else "",
                 "read_recall": _ratio(pred),
                 "read_cer": "" if pred is None else round(pred["cer"], 3),
                 "read_on_gt": r.on_truth.text if r.on_truth else "",
+                "gt_id": r.on_truth.identify().summary() if r.on_truth else "",
                 "gt_recall": _ratio(gt),
                 "gt_cer": "" if gt is None else round(gt["cer"], 3),
             }

@@ -30,6 +30,7 @@ import numpy as np
 from cartridgeocr.detections import Detections
 from cartridgeocr.geometry import Ellipse
 from cartridgeocr.predictor import ImageInput, PredictedImage, Predictor
+from cartridgeocr.reading.identify import HeadstampTable, Identification, identify, packaged_table
 from cartridgeocr.reading.lexicon import Lexicon
 from cartridgeocr.reading.ocr.base import OcrEngine
 from cartridgeocr.reading.postprocess import Cartridge, PostprocessConfig, postprocess
@@ -104,6 +105,12 @@ class Reading:
     pieces: list[Candidate] = field(default_factory=list)
     strip: Strip | None = None
     reason: str | None = None  # why nothing could be read (a ring too thin, ...)
+    #: Maker, calibre and year of ``tokens`` (the Reader's headstamp table); None: the packaged one.
+    identification: Identification | None = None
+
+    def identify(self) -> Identification:
+        """What the tokens say (maker, country, calibre, year)."""
+        return self.identification if self.identification is not None else identify(self.tokens)
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {
@@ -120,6 +127,7 @@ class Reading:
                 for c in self.pieces
                 for t in c.tokens
             ],
+            "identification": self.identify().to_json(),
         }
         if self.reason:
             out["reason"] = self.reason
@@ -205,6 +213,12 @@ class Reader:
             )
             if self.read_cfg.lexicon
             else None
+        )
+        #: Names makers and calibres in the tokens: the lexicon's table, else the packaged one.
+        self.headstamps: HeadstampTable = (
+            self.lexicon.headstamps
+            if self.lexicon is not None and self.lexicon.headstamps is not None
+            else packaged_table()
         )
 
     def describe(self) -> dict:
@@ -335,7 +349,8 @@ class Reader:
         tokens = [t for c in kept for t in c.tokens]
         weights = [max(len(c.raw), 1) for c in kept]
         conf = float(np.average([c.confidence for c in kept], weights=weights)) if kept else 0.0
-        return Reading(" ".join(tokens), conf, tokens, kept, strip)
+        identification = identify(tokens, self.headstamps)
+        return Reading(" ".join(tokens), conf, tokens, kept, strip, identification=identification)
 
     def _token_spans(self, piece) -> list[tuple[str, str, float, float, float, float]]:
         """The tokens of one OCR piece, each placed in it: (token, raw characters, confidence,

@@ -12,8 +12,9 @@ Request, one row per photo (as the original CartridgeOCR endpoint took it), eith
 
 Response, one object per photo: ``width``, ``height``, ``cartridges`` (each with ``casing``
 and ``primer`` boxes in pixels and in [0, 1) image coordinates, ellipses, scores, ``text``,
-``text_confidence`` and ``tokens``), ``inference_version``, ``model`` and, when asked,
-``overlay``. A payload that is not an image is answered with HTTP 400 naming the row.
+``text_confidence``, ``tokens`` and ``identification``: maker, country, calibre and year named
+from the tokens, see `cartridgeocr.reading.identify`), ``inference_version``, ``model`` and,
+when asked, ``overlay``. A payload that is not an image is answered with HTTP 400 naming the row.
 """
 
 from __future__ import annotations
