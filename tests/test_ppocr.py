@@ -73,3 +73,24 @@ def test_windows_place_words_on_the_strip_where_they_are() -> None:
     (x_right, _), _ = cv2.getTextSize("LUGER", cv2.FONT_HERSHEY_DUPLEX, 1.2, 3)
     for p in pieces:
         assert abs(p.x0 - x_word) < h and abs(p.x1 - (x_word + x_right)) < h, (p.x0, p.x1)
+
+
+def test_the_same_word_read_twice_a_little_apart_is_kept_once() -> None:
+    """A window and the whole strip place one word a letter or two apart, and the seam overlap
+    shows it at phi and phi + 2 pi: the merge keeps the better reading once, and keeps a
+    different word beside it."""
+    import math
+
+    from cartridgeocr.reading.pipeline import Candidate, Reader
+
+    def cand(token: str, phi0: float, phi1: float, score: float) -> Candidate:
+        return Candidate(token, [token], score, score, phi0, phi1, "outward", "normal", 0, 1)
+
+    reader = Reader(None, None)  # type: ignore[arg-type]
+    usa = cand("USA", 5.78, 6.98, 0.9)
+    shifted = cand("USA", 6.95, 8.74, 0.8)  # 2 degrees of overlap: the arc rule keeps both
+    seam = cand("USA", 5.78 + 2 * math.pi, 6.98 + 2 * math.pi, 0.7)
+    win = cand("WIN", 4.47, 5.72, 0.85)
+    kept = reader._merge([usa, shifted, seam, win])
+    assert sorted(c.raw for c in kept) == ["USA", "WIN"]
+    assert [c.score for c in kept if c.raw == "USA"] == [0.9]

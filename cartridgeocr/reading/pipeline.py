@@ -179,6 +179,7 @@ class ImageResult:
                 "casing": cart.casing.to_json(),
                 "primer": cart.primer.to_json() if cart.primer is not None else None,
                 "centre_estimated": cart.centre_estimated,
+                "partial": cart.partial,
                 **reading.to_json(),
             }
             rec["cartridges"].append(entry)
@@ -402,7 +403,10 @@ class Reader:
             candidates = [c for c in candidates if (c.direction, c.polarity) == best]
         kept: list[Candidate] = []
         for c in sorted(candidates, key=lambda c: -c.score):
-            if all(_arc_overlap(c, k) < self.read_cfg.min_overlap for k in kept):
+            if all(
+                _arc_overlap(c, k) < self.read_cfg.min_overlap and not _same_word_nearby(c, k)
+                for k in kept
+            ):
                 kept.append(c)
         return kept
 
@@ -422,6 +426,17 @@ def _arc_overlap(a: Candidate, b: Candidate) -> float:
         inter = min(a.phi1, b.phi1 + shift) - max(a.phi0, b.phi0 + shift)
         best = max(best, inter)
     return best / max(min(la, lb), 1e-9) if best > 0 else 0.0
+
+
+def _same_word_nearby(a: Candidate, b: Candidate) -> bool:
+    """The same token read twice a little apart: by a window and the whole strip (CTC places
+    characters only to within a letter or two), or across the seam overlap. A headstamp does
+    not stamp one word twice side by side."""
+    if a.tokens != b.tokens:
+        return False
+    gap = abs((a.phi0 + a.phi1) / 2 - (b.phi0 + b.phi1) / 2) % (2 * math.pi)
+    gap = min(gap, 2 * math.pi - gap)
+    return gap < max(a.phi1 - a.phi0, b.phi1 - b.phi0)
 
 
 def _centre_angle(strip: Strip, c: Candidate) -> float:
