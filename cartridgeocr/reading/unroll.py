@@ -105,12 +105,16 @@ class Ring:
 
 @dataclass
 class Strip:
-    """An unrolled ring: ``image`` (H, W, 3) RGB uint8, and how its columns map to ring angles."""
+    """An unrolled ring: ``image`` (H, W, 3) RGB uint8, and how its columns map to ring angles.
+
+    ``partial``: the ring runs out of the image (a head cut by the frame), so the strip covers
+    only the longest arc in view, without the seam overlap."""
 
     image: np.ndarray
     ring: Ring
     start: float  # ring angle (radians) of column 0's centre
     rad_per_px: float
+    partial: bool = False
 
     def angle(self, x: float | np.ndarray) -> float | np.ndarray:
         """Ring angle (radians, increasing clockwise, not wrapped) of strip column ``x``."""
@@ -143,13 +147,22 @@ def unroll(
         cols_per_rad = cfg.px_per_arc * rho_mid * r
     else:  # square letters at mid-radius: the same sampling along the arc as across it
         cols_per_rad = cfg.height * rho_mid / (ring.rho_out - ring.rho_in)
-    span = 2 * math.pi * (1 + cfg.overlap_deg / 360.0)
+    in_view = _degrees_in_view(src, ring, cfg.height)
+    start: float | None = None
+    if in_view.all():
+        span = 2 * math.pi * (1 + cfg.overlap_deg / 360.0)
+    else:  # cut by the frame: the longest arc in view, from one end to the other
+        start, span = _arc_in_view(in_view)
     width = int(min(max(8, round(cols_per_rad * span)), cfg.max_width))
     rad_per_px = span / width
-    start = _seam(src, ring, cfg) if cfg.seam == "min_energy" else -math.pi / 2
+    if start is None:
+        start = _seam(src, ring, cfg) if cfg.seam == "min_energy" else -math.pi / 2
     strip = _remap(src, ring, start, rad_per_px, width, cfg.height, cfg.interpolation)
+    x, y = _grid(ring, start, rad_per_px, width, cfg.height)
+    strip = _fill_outside(strip, _inside(src, x, y))
     # Ring angles do not change with scale or crop: record the ring in original pixels.
-    return Strip(strip, Ring(casing, inner, ring.rho_in, ring.rho_out), start, rad_per_px)
+    ring = Ring(casing, inner, ring.rho_in, ring.rho_out)
+    return Strip(strip, ring, start, rad_per_px, partial=not in_view.all())
 
 
 def preprocess(
@@ -216,11 +229,7 @@ def _remap(
     height: int,
     interpolation: str,
 ) -> np.ndarray:
-    phi = start + np.arange(width, dtype=np.float64) * rad_per_px
-    rho = ring.rho_out - (np.arange(height, dtype=np.float64) + 0.5) / height * (
-        ring.rho_out - ring.rho_in
-    )
-    x, y = ring.points(phi[None, :], rho[:, None])
+    x, y = _grid(ring, start, rad_per_px, width, height)
     return cv2.remap(
         src,
         x.astype(np.float32),
@@ -244,3 +253,51 @@ def _seam(src: np.ndarray, ring: Ring, cfg: UnrollConfig) -> float:
     smooth = np.convolve(padded, np.ones(2 * window + 1) / (2 * window + 1), mode="same")
     smooth = smooth[window:-window]
     return math.radians(float(np.argmin(smooth)))
+
+
+def _grid(
+    ring: Ring, start: float, rad_per_px: float, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source (x, y) of every strip pixel: columns along the ring, row 0 at the outer edge."""
+    phi = start + np.arange(width, dtype=np.float64) * rad_per_px
+    rho = ring.rho_out - (np.arange(height, dtype=np.float64) + 0.5) / height * (
+        ring.rho_out - ring.rho_in
+    )
+    return ring.points(phi[None, :], rho[:, None])
+
+
+def _inside(src: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which samples fall on the source (the crop holds the whole ring, up to the frame)."""
+    h, w = src.shape[:2]
+    return (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
+
+
+def _degrees_in_view(src: np.ndarray, ring: Ring, height: int) -> np.ndarray:
+    """(360,) bool: is at least half of the ring's width in the image at each whole degree."""
+    x, y = _grid(ring, 0.0, math.radians(1.0), 360, height)
+    return _inside(src, x, y).mean(axis=0) >= 0.5
+
+
+def _arc_in_view(in_view: np.ndarray) -> tuple[float, float]:
+    """(start, span) in radians of the longest run of degrees in view, the ring wrapping
+    around. Raises `RingTooThin` when none is."""
+    if not in_view.any():
+        raise RingTooThin("the ring lies outside the image")
+    shift = int(np.argmin(in_view))  # a degree out of view: no run wraps past it
+    rolled = np.roll(in_view, -shift)
+    best, best_start, run = 0, 0, 0
+    for k, seen in enumerate(rolled):
+        run = run + 1 if seen else 0
+        if run > best:
+            best, best_start = run, k - run + 1
+    return math.radians((best_start + shift) % 360), math.radians(best)
+
+
+def _fill_outside(strip: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Samples off the image take the median of those on it: a neutral metal tone, where black
+    (or the frame's edge pixels smeared along) would read as a stroke."""
+    if inside.all() or not inside.any():
+        return strip
+    out = strip.copy()
+    out[~inside] = np.median(strip[inside], axis=0).astype(strip.dtype)
+    return out
