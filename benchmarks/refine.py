@@ -9,10 +9,10 @@ true casing radius, before and after refinement (median and mean), and the share
 whose refit was kept. Detection, post-processing and refinement are the reader's own code.
 Nothing here trains or tunes on the real photos.
 
-Box AP50 and AP75 per class (the project's evaluator, COCO on faster-coco-eval) of the raw
-detections, of the cartridges after post-processing (casing and paired primer, each box the
-extent of its ellipse, with the detector's score), and of the same cartridges refined: the
-before/after pair differs only by refinement.
+Box AP per class (`cartridgeocr.reading.detection.box_ap`: the project's evaluator, COCO on
+faster-coco-eval) of the raw detections, of the cartridges after post-processing (casing and
+paired primer, each box the extent of its ellipse clipped to the image, with the detector's
+score), and of the same cartridges refined: the before/after pair differs only by refinement.
 """
 
 from __future__ import annotations
@@ -40,18 +40,13 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra overrides (refine.*, reading.*)")
     args = ap.parse_args()
 
-    import torch
-
-    from cartridgeocr.categories import CASING, PRIMER
-    from cartridgeocr.detections import Detections
-    from cartridgeocr.evaluate import target_of
-    from cartridgeocr.metrics import (
-        VAL_MAP,
-        DetectionEvaluator,
-        val_map_50_class,
-        val_map_75_class,
-    )
     from cartridgeocr.predictor import Predictor, load_model
+    from cartridgeocr.reading.detection import (
+        AP_COLUMNS,
+        BoxAp,
+        ap_table_rows,
+        cartridge_detections,
+    )
     from cartridgeocr.reading.evaluate import load_eval_data, true_casings
     from cartridgeocr.reading.pipeline import build_reader
     from cartridgeocr.reading.postprocess import postprocess
@@ -71,21 +66,8 @@ def main() -> None:
     print(f"detector: {args.checkpoint}")
     header = "| data | part | n | centre err before | after | radius err before | after | kept |"
     table = [header, "|" + "---|" * (header.count("|") - 1)]
-    ap_header = (
-        "| data | boxes | casing AP50 | casing AP75 | primer AP50 | primer AP75 | mAP 50:95 |"
-    )
+    ap_header = "| data | boxes | " + " | ".join(AP_COLUMNS) + " |"
     ap_table = [ap_header, "|" + "---|" * (ap_header.count("|") - 1)]
-
-    def as_detections(cartridges) -> Detections:
-        parts = [(c.casing, CASING) for c in cartridges]
-        parts += [(c.primer, PRIMER) for c in cartridges if c.primer is not None]
-        if not parts:
-            return Detections.empty()
-        return Detections(
-            torch.tensor([part.ellipse.box() for part, _ in parts], dtype=torch.float32),
-            torch.tensor([part.score for part, _ in parts], dtype=torch.float32),
-            torch.tensor([label for _, label in parts], dtype=torch.int64),
-        )
 
     for name, over in sets:
         cfg = compose_eval([*over, "refine=edges", "ocr=none", *args.overrides])
@@ -93,7 +75,7 @@ def main() -> None:
         index = load_eval_data(cfg)
         stats = {"casing": [], "primer": []}
         seconds, refined_parts = 0.0, 0
-        evaluators = {k: DetectionEvaluator(False) for k in ("raw", "before", "refined")}
+        box_ap = BoxAp(("raw", "before", "refined"))
         for record in index.records:
             truths = true_casings(record)
             (p,) = predictor.predict([record.path], keep_image=True)
@@ -101,10 +83,12 @@ def main() -> None:
             t0 = time.perf_counter()
             after = refine_cartridges(p.image, carts, p.image_scale, reader.refine_cfg)
             seconds += time.perf_counter() - t0
-            target = [target_of(record, False)]
-            evaluators["raw"].update([p.detections], target)
-            evaluators["before"].update([as_detections(carts)], target)
-            evaluators["refined"].update([as_detections(after)], target)
+            box_ap.update(
+                record,
+                raw=p.detections,
+                before=cartridge_detections(carts, p.size),
+                refined=cartridge_detections(after, p.size),
+            )
             for t in truths:
                 r = t.ellipse.radius
                 near = [
@@ -144,12 +128,7 @@ def main() -> None:
                 f"{med[2]:.3f} ({mean[2]:.3f}) | {med[1]:.3f} ({mean[1]:.3f}) | "
                 f"{med[3]:.3f} ({mean[3]:.3f}) | {kept:.2f} |"
             )
-        for kind, evaluator in evaluators.items():
-            m = evaluator.compute()
-            ap = [
-                m[f(cid)] for cid in (CASING, PRIMER) for f in (val_map_50_class, val_map_75_class)
-            ] + [m[VAL_MAP]]
-            ap_table.append(f"| {name} | {kind} | " + " | ".join(f"{v:.3f}" for v in ap) + " |")
+        ap_table += ap_table_rows(name, box_ap.compute())
         print(
             f"{name}: refinement took {1000 * seconds / max(refined_parts, 1):.1f} ms per cartridge"
         )
