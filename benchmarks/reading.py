@@ -3,7 +3,7 @@ geometry, on synthetic renders and on the real photos in ../shared/real-headstam
 
     python benchmarks/reading.py --checkpoint best.ckpt [--ocr rapidocr tesseract learned]
         [--recogniser recogniser.ckpt] [--refine-too] [--synthetic 200] [--no-lexicon-too]
-        [--max-images N] [--datasets synthetic real]
+        [--max-images N] [--datasets synthetic real real_full] [--detection-only]
 
 "gt" rows read the ring between the labelled casing and primer ellipses (reading errors only);
 "pred" rows read what the detector found (detection + pairing + reading); "pred+refine" rows
@@ -12,6 +12,13 @@ reads with the recogniser checkpoint given by --recogniser. The synthetic set is
 rendered at 1024 px with seed 1000 (the training renders use seed 0) and cached in
 .cache/synthetic. Nothing here trains or tunes on the real photos. Each row is the same code
 path as `cartridgeocr-eval` (`evaluate_reading`).
+
+Detection is reported before and after the reader's post-processing
+(`cartridgeocr.reading.detection`): box AP of every detection the detector returned ("raw")
+beside that of the detections post-processing kept ("kept"), and the true casings the detector
+found (IoU >= 0.5, scoring at least ``score_threshold``) that post-processing dropped: each is a
+headstamp never read. ``real_full`` is the real photos at the phones' resolution
+(../shared/real-headstamps/full); ``--detection-only`` prints just that table.
 """
 
 from __future__ import annotations
@@ -44,7 +51,15 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--no-lexicon-too", action="store_true", help="also rows without the lexicon")
     ap.add_argument(
-        "--datasets", nargs="+", default=["synthetic", "real"], choices=["synthetic", "real"]
+        "--datasets",
+        nargs="+",
+        default=["synthetic", "real"],
+        choices=["synthetic", "real", "real_full"],
+    )
+    ap.add_argument(
+        "--detection-only",
+        action="store_true",
+        help="only detection AP before/after post-processing",
     )
     ap.add_argument("overrides", nargs="*", help="extra eval-config overrides (reading.*)")
     args = ap.parse_args()
@@ -67,6 +82,17 @@ def main() -> None:
         )
     else:
         print(f"note: {REAL} is absent; real-photo rows skipped")
+    if "real_full" in args.datasets and (REAL / "full" / "annotations.json").is_file():
+        datasets.append(
+            (
+                "real_full",
+                [
+                    "eval_data=real_sample",
+                    f"eval_data.annotations={REAL / 'full' / 'annotations.json'}",
+                    f"eval_data.images={REAL / 'full' / 'images'}",
+                ],
+            )
+        )
     source = load_model(args.checkpoint)
     predictor = Predictor(source.model, batch_size=1, read_max_side=1600)
     variants = [(True, [])]
@@ -76,6 +102,10 @@ def main() -> None:
     if "learned" in args.ocr and not args.recogniser:
         ap.error("--ocr learned needs --recogniser PATH")
     refines = ["none", "edges"] if args.refine_too else ["none"]
+
+    detection = detection_rows(predictor, datasets, args.max_images, args.overrides)
+    if args.detection_only:
+        return
 
     rows = []
     for data_name, data_over in datasets:
@@ -154,10 +184,35 @@ def main() -> None:
         if r["data"] not in seen:
             seen.add(r["data"])
             print(f"  {r['data']}: AP50 {r['ap50']:.3f}, pairing accuracy {r['pairing']:.3f}")
+    print("detection before (raw) and after (kept) post-processing:")
+    print("\n".join(detection))
     print("OCR time per detected casing (ms, predicted geometry, all directions and polarities):")
     for r in rows:
         if r["geometry"] == "pred":
             print(f"  {r['data']} {r['ocr']} lexicon {r['lexicon']}: {r['ms_per_casing']:.0f}")
+
+
+def detection_rows(predictor, datasets, max_images: int | None, overrides: list[str]) -> list[str]:
+    """Print (and return) the detection table: raw and kept box AP, found and dropped casings."""
+    from cartridgeocr.reading.detection import AP_COLUMNS, ap_table_rows, audit_detections
+    from cartridgeocr.reading.evaluate import load_eval_data
+    from cartridgeocr.reading.pipeline import build_reader
+
+    header = "| data | boxes | " + " | ".join(AP_COLUMNS) + " | found | dropped |"
+    table = [header, "|" + "---|" * (header.count("|") - 1)]
+    for data_name, data_over in datasets:
+        cfg = compose_eval([*data_over, "ocr=none", "refine=none", *overrides])
+        pp_cfg = build_reader(cfg, predictor).postprocess_cfg
+        result = audit_detections(predictor, load_eval_data(cfg, max_images), pp_cfg).compute()
+        counts = f" {result['found']} | {result['dropped']} |"
+        raw, kept = ap_table_rows(data_name, {k: result[k] for k in ("raw", "kept")})
+        table += [raw + " - | - |", kept + counts]
+        if result["dropped_images"]:
+            print(f"  {data_name}: casings dropped in {', '.join(result['dropped_images'])}")
+    print("detection before (raw) and after (kept) post-processing; found: true casings the")
+    print("detector boxed at IoU >= 0.5 scoring >= score_threshold; dropped: of those, lost by it")
+    print("\n".join(table), flush=True)
+    return table
 
 
 if __name__ == "__main__":
