@@ -2,7 +2,8 @@
 
 The head face is rendered top-down into a square texture (a height map shaded with a
 Blinn-Phong model, so stamped letters, the primer gap and the rim bevel catch light and shadow
-like real metal), then warped into the photo by the head plane's homography. The body is drawn
+like real metal), then warped into the photo by the head plane's homography. How the letters are
+stamped (dark ink or lit relief) is the stamp style (`relief`). The body is drawn
 as coaxial frustums projected by the same camera, so casing, primer and body always agree.
 """
 
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 
 from .geometry import Camera, HeadPose
+from .relief import Lights, Shading, dirt_in_recesses, shade_relief, stamp_relief, surface_grain
 from .text import Headstamp, SegmentPlace, make_headstamp, ring_text_mask
 from .textures import fbm, value_noise
 
@@ -205,12 +207,20 @@ def render_face(
     view: np.ndarray,
     rng: np.random.Generator,
     blur_sigma: float = 0.0,
+    relief: bool = False,
+    extra: np.random.Generator | None = None,
+    lights: Lights | None = None,
+    camera: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[SegmentPlace], float]:
     """Head face texture of radius ``rt`` px: premultiplied RGB, alpha, segment places, text radius.
 
     ``light``/``view`` are unit vectors in the face frame (x, y along the texture, z out of the
     face). Segment places are angles clockwise from texture up, in radians. The disc edge sits exactly
     at ``rt`` px from the texture centre ``(T - 1) / 2`` (alpha crosses 0.5 there).
+
+    ``relief`` stamps the letters as lit relief (see `relief`), drawing what it adds from
+    ``extra`` (required then, with ``lights``; ``camera``: the camera's position in texture pixels
+    of the face frame, where a flash sits). ``rng`` is drawn from the same way in both styles.
     """
     size = int(2 * np.ceil(rt) + 5)
     c = (size - 1) / 2.0
@@ -315,14 +325,19 @@ def render_face(
     r_out = (rb - 0.02) * rt
     if r_out - r_in < 4:
         r_in = r_out - 4
-    text, places = ring_text_mask(spec.headstamp, rng, r_px, theta, r_in, r_out)
-    stroke_blur = max(0.5, (r_out - r_in) * 0.03)
-    text_soft = cv2.GaussianBlur(text, (0, 0), stroke_blur)
-    height -= spec.text_depth * text_soft
-    albedo *= (1 - spec.text_dirt * text)[..., None]
-
-    # Shading: normals from the height map (in pixels), Blinn-Phong plus broad reflections.
-    h_px = height * rt
+    text, places = ring_text_mask(spec.headstamp, rng, r_px, theta, r_in, r_out, extra)
+    if relief:
+        assert extra is not None and lights is not None
+        stamped = stamp_relief(text, extra)
+        albedo = dirt_in_recesses(albedo, stamped, spec.text_dirt, extra)
+        h_px = height * rt + stamped.height + surface_grain(extra, size, rt)
+    else:
+        stroke_blur = max(0.5, (r_out - r_in) * 0.03)
+        text_soft = cv2.GaussianBlur(text, (0, 0), stroke_blur)
+        height -= spec.text_depth * text_soft
+        albedo *= (1 - spec.text_dirt * text)[..., None]
+        # Shading: normals from the height map (in pixels), Blinn-Phong plus broad reflections.
+        h_px = height * rt
     gx = cv2.Sobel(h_px, cv2.CV_32F, 1, 0, ksize=3) / 8
     gy = cv2.Sobel(h_px, cv2.CV_32F, 0, 1, ksize=3) / 8
     inv = 1 / np.sqrt(gx * gx + gy * gy + 1)
@@ -332,7 +347,8 @@ def render_face(
     half = half / np.linalg.norm(half)
     ndh = np.clip(nx * half[0] + ny * half[1] + nz * half[2], 0, 1)
     shine = spec.shine
-    spec_term = shine * ndh ** rng.uniform(20, 60)
+    exponent = rng.uniform(20, 60)
+    spec_term = shine * ndh**exponent
     env_dir = rng.uniform(0, 2 * np.pi)
     env = 1 + rng.uniform(0.05, 0.3) * (xx * np.cos(env_dir) + yy * np.sin(env_dir)) / rt
     env += 0.2 * fbm(rng, size, size, 2.5, octaves=3)
@@ -358,7 +374,11 @@ def render_face(
     )
     refl = shine * rng.uniform(0.1, 0.4) * (refl - 0.5)
     gloss = (spec_term + blob) * (1 + 0.5 * mottle)
-    rgb = albedo * lum[..., None] + spec_col * (gloss + refl)[..., None]
+    if relief:
+        terms = Shading(ambient, k_d, diffuse, env, gloss, refl, shine, exponent, lum, spec_col)
+        rgb = shade_relief(albedo, (nx, ny, nz), xx, yy, r_px < rt, stamped, lights, camera, terms)
+    else:
+        rgb = albedo * lum[..., None] + spec_col * (gloss + refl)[..., None]
     rgb += rng.normal(0, 0.01)  # slight overall offset per cartridge
     alpha = np.clip(rt + 0.5 - r_px, 0, 1).astype(np.float32)
     if blur_sigma > 0.3:

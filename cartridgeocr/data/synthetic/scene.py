@@ -1,7 +1,9 @@
 """Compose one synthetic photo: surface, shadows, bodies, hands, head faces, camera effects.
 
 All randomness of image ``index`` comes from ``np.random.default_rng([seed, index])``, so an
-image never depends on which worker rendered it or on what was rendered before.
+image never depends on which worker rendered it or on what was rendered before. What the
+``relief`` and ``mix`` stamp styles add comes from a second generator of the same image
+(`relief.extra_rng`), so the scene itself is the same in every style.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from .geometry import (
     polygon_area,
     texture_to_plane,
 )
+from .relief import MIX_RELIEF_P, check_stamp_style, extra_rng, sample_lights
+from .text import restyle
 from .textures import fast_blur
 
 #: Visible fraction below which a clipped object gets no label (and placement avoids it).
@@ -251,14 +255,22 @@ def ellipse_annotation(ell: tuple[float, ...], s: int, category: int) -> dict | 
 
 
 def render_scene(
-    seed: int, index: int, image_size: int, with_masks: bool = False, force: dict | None = None
+    seed: int,
+    index: int,
+    image_size: int,
+    with_masks: bool = False,
+    force: dict | None = None,
+    stamp_style: str = "ink",
 ) -> RenderResult:
     """Render image ``index`` of the dataset with ``seed``; see the module docstring.
 
     ``force`` pins scene choices for debugging and galleries (keys: ``background``,
-    ``hand_held``); datasets never use it.
+    ``hand_held``); datasets never use it. ``stamp_style``: ink, relief or mix (`relief`).
     """
     force = force or {}
+    style = check_stamp_style(stamp_style)
+    extra = None if style == "ink" else extra_rng(seed, index)
+    lights = sample_lights(extra) if extra is not None else None
     rng = image_rng(seed, index)
     s = int(image_size)
     canvas, _kind = make_background(rng, s, force.get("background"))
@@ -308,8 +320,15 @@ def render_scene(
         light_tex = np.array([light @ pose.e1, light @ pose.e2, light @ pose.normal])
         view = -pose.centre / np.linalg.norm(pose.centre)
         view_tex = np.array([view @ pose.e1, view @ pose.e2, view @ pose.normal])
+        relief, camera = False, None
+        if extra is not None:
+            p.spec.headstamp = restyle(p.spec.headstamp, extra)
+            relief = style == "relief" or bool(extra.random() < MIX_RELIEF_P)
+            # The camera (where a flash sits) in texture pixels of the face frame.
+            eye = -pose.centre
+            camera = np.array([eye @ pose.e1, eye @ pose.e2, eye @ pose.normal]) * rt / p.radius
         rgb_pm, alpha, seg_places, r_text = render_face(
-            p.spec, rt, light_tex, view_tex, rng, pre_blur
+            p.spec, rt, light_tex, view_tex, rng, pre_blur, relief, extra, lights, camera
         )
         size = alpha.shape[0]
         H = H_plane @ texture_to_plane(rt, p.radius, size)

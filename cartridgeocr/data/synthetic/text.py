@@ -13,12 +13,18 @@ every word reads upright when the case is held one way up, as on many commercial
 
 **Stroke weight.** Real dies stamp anything from hairline to heavy strokes: the drawn letters
 are thickened or thinned (a blur and a moved threshold) per headstamp.
+
+**Restyled text** (`restyle`, the ``relief`` and ``mix`` stamp styles, drawn from their own
+generator so the rest of the scene stays as it was): short maker codes spaced wide (``F  C``,
+labelled ``FC``) or dotted (``W.C.C.``); die fonts, light faces stamped with a round die (every
+corner rounded, so ``B`` comes close to ``8`` and ``S`` to ``5``); and mostly mixed directions,
+as on every head of the real sample. The ``ink`` style keeps the text as it always was.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,9 +68,28 @@ FONT_FILES = [
 ]
 # fmt: on
 FONT_WEIGHTS = [0.26, 0.13, 0.17, 0.09, 0.1, 0.07, 0.04, 0.05, 0.04, 0.05]
+#: Fonts with no glyph for the headstamp characters (they draw nothing); `restyle` replaces them.
+BLANK_FONTS = frozenset({"DejaVuSansDisplay.ttf"})
+#: Light faces that `restyle` stamps with a round die (``Headstamp.die``): monoline letters.
+DIE_FONTS = ("cmss10.ttf", "DejaVuSans.ttf", "DejaVuSansMono.ttf", "cmtt10.ttf")
+#: Share of restyled headstamps stamped with a die font.
+DIE_FONT_P = 0.4
 #: Layouts of the segments' directions (see the module docstring) and their probabilities.
 LAYOUTS = ("ring", "upright", "mixed")
 LAYOUT_WEIGHTS = (0.5, 0.38, 0.12)
+#: Layout probabilities of restyled headstamps (all four heads of the real sample mix directions).
+RESTYLED_LAYOUT_WEIGHTS = (0.3, 0.55, 0.15)
+#: Maker codes that are initials (``restyle`` dots some: ``W.C.C.``).
+INITIALS = frozenset(
+    "FC LC WCC IVI FN FNM GGG HXP TW RA DA FA PMP IK PMC CBC CCI PPU HSM IMI TZZ NT AA".split()
+)
+#: Of restyled initials: the share dotted (``W.C.C.``); of them and other short maker codes
+#: (``WIN``, ``REM``), the share spaced wide (``F  C``).
+DOTTED_P = 0.25
+WIDE_P = 0.3
+_SHORT_MAKERS = frozenset(
+    m for m in PISTOL_MAKERS + RIFLE_MAKERS + MILITARY_MAKERS + SHOTGUN_MAKERS if len(m) <= 5
+)
 
 
 def font_dir() -> Path:
@@ -93,6 +118,9 @@ class Headstamp:
     fill: float  # font size as a fraction of the ring width
     layout: str = "ring"  # ring | upright | mixed (see the module docstring)
     weight: float = 0.5  # stroke threshold after blurring: < 0.5 bolder, > 0.5 thinner
+    spacing: list[float] | None = None  # per segment: extra space between letters (font sizes)
+    die: float = 0.0  # radius of the round die that stamps the strokes (font sizes; 0: none)
+    relayout: str | None = None  # layout drawn by `restyle` (from its generator), else ``layout``
 
 
 @dataclass
@@ -192,6 +220,39 @@ def make_headstamp(rng: np.random.Generator, kind: str) -> Headstamp:
     )
 
 
+def restyle(hs: Headstamp, rng: np.random.Generator) -> Headstamp:
+    """The headstamp with the text real heads show and the renders lacked: wide-spaced and dotted
+    maker codes, die fonts, mixed directions (see the module docstring). Same segment count, so
+    the layout draws from the scene's generator stay the same."""
+    segments = list(hs.segments)
+    spacing = [0.0] * len(segments)
+    for k, seg in enumerate(segments):
+        r = rng.random()
+        if seg in INITIALS and r < DOTTED_P:
+            segments[k] = ".".join(seg) + ("." if rng.random() < 0.6 else "")
+            spacing[k] = float(rng.uniform(0.0, 0.25))
+        elif seg in _SHORT_MAKERS and r < DOTTED_P + WIDE_P:
+            spacing[k] = float(rng.uniform(0.35, 1.1))
+        elif r < 0.15:
+            spacing[k] = float(rng.uniform(0.1, 0.4))
+    font, die, weight = hs.font, 0.0, hs.weight
+    if font in BLANK_FONTS or rng.random() < DIE_FONT_P:
+        font = DIE_FONTS[int(rng.integers(len(DIE_FONTS)))]
+        die = float(rng.uniform(0.025, 0.065))
+        weight = max(weight, 0.5)  # the die gives the weight
+    p = np.array(RESTYLED_LAYOUT_WEIGHTS) / sum(RESTYLED_LAYOUT_WEIGHTS)
+    relayout = str(rng.choice(LAYOUTS, p=p))
+    return replace(
+        hs,
+        segments=segments,
+        spacing=spacing,
+        font=font,
+        die=die,
+        weight=weight,
+        relayout=relayout,
+    )
+
+
 def _segment_width(font: ImageFont.FreeTypeFont, text: str, track: float) -> float:
     return sum(font.getlength(ch) + track for ch in text) - track
 
@@ -226,23 +287,26 @@ def ring_text_mask(
     theta: np.ndarray,
     r_in: float,
     r_out: float,
+    extra: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, list[SegmentPlace]]:
     """Stamp mask (float32 in [0, 1]) on the texture grid, and where each segment lies.
 
     ``r_px``/``theta`` give every texture pixel's radius (px) and angle (radians, clockwise from
     texture up); the text fills the ring ``r_in..r_out`` (px). Segments are laid out clockwise
     in slots (text, mark, padding) with jittered gaps; an inward segment reads anticlockwise, so
-    in its slot the mark comes first, clockwise, and the text last.
+    in its slot the mark comes first, clockwise, and the text last. ``extra`` draws the
+    directions of a restyled headstamp (``relayout``); ``rng`` is drawn from as without it.
     """
     ring_w = r_out - r_in
     r_mid = (r_in + r_out) / 2
     sx = hs.stretch
+    n = len(hs.segments)
     size = max(5.0, ring_w * hs.fill)
     # Shrink the lettering until everything fits in ~85 % of the circumference.
     for _ in range(6):
         font = _font(hs.font, int(round(size)))
-        track = hs.tracking * size
-        widths = [_segment_width(font, t, track) for t in hs.segments]
+        tracks = [(hs.tracking + (hs.spacing[k] if hs.spacing else 0.0)) * size for k in range(n)]
+        widths = [_segment_width(font, t, tr) for t, tr in zip(hs.segments, tracks, strict=True)]
         marks = [_mark_width(m, size) for m in hs.marks]
         pad = 0.35 * size * len(hs.segments)
         total_px = (sum(widths) + sum(marks) + pad) * sx
@@ -254,7 +318,6 @@ def ring_text_mask(
     strip_h = int(np.ceil(ring_w)) + 2
     strips = {way: Image.new("L", (strip_w, strip_h), 0) for way in (True, False)}
     # Segment slots along the ring, clockwise, with jittered gaps.
-    n = len(hs.segments)
     occupied = [w + m + 0.35 * size for w, m in zip(widths, marks, strict=True)]
     free = max(circ - sum(occupied), 0.0)
     gaps = rng.uniform(0.7, 1.3, n)
@@ -264,13 +327,15 @@ def ring_text_mask(
     for occ, gap in zip(occupied, gaps, strict=True):
         slots.append(x)
         x += occ + gap
-    directions = _directions(hs, rng, slots, widths, circ)
+    directions = _directions(hs.layout, hs.outward, rng, slots, widths, circ)
+    if hs.relayout is not None and extra is not None:
+        directions = _directions(hs.relayout, hs.outward, extra, slots, widths, circ)
     cap_top, cap_bottom = font.getbbox("H", anchor="ls")[1], 0
     yc = 1.0 + ring_w / 2  # strip row 1 is the ring's outer (outward) or inner (inward) edge
     baseline = yc + (cap_bottom - cap_top) / 2
     places = []
     for k, (text, w, m, mark) in enumerate(zip(hs.segments, widths, marks, hs.marks, strict=True)):
-        outward, occ = directions[k], occupied[k]
+        outward, occ, track = directions[k], occupied[k], tracks[k]
         # Text start in its own strip; an inward strip runs anticlockwise (x_in = circ - x_out).
         x0 = slots[k] if outward else circ - slots[k] - occ
         x0 %= circ
@@ -296,7 +361,12 @@ def ring_text_mask(
     for outward, strip in strips.items():
         if outward not in directions:
             continue
-        strip_arr = _stroke_weight(np.asarray(strip, dtype=np.float32) / 255.0, hs.weight, size)
+        strip_arr = np.asarray(strip, dtype=np.float32) / 255.0
+        r = int(round(hs.die * size))
+        if r >= 1:  # a round die: every stroke a constant width with round ends
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+            strip_arr = cv2.dilate(strip_arr, disk)
+        strip_arr = _stroke_weight(strip_arr, hs.weight, size)
         # Bend the strip into the ring.
         if outward:
             map_x = theta * (r_mid / sx)
@@ -319,18 +389,23 @@ def ring_text_mask(
 
 
 def _directions(
-    hs: Headstamp, rng: np.random.Generator, slots: list[float], widths: list[float], circ: float
+    layout: str,
+    outward: bool,
+    rng: np.random.Generator,
+    slots: list[float],
+    widths: list[float],
+    circ: float,
 ) -> list[bool]:
     """Per segment: letter tops towards the rim (True) or the primer (False), by layout."""
-    if hs.layout == "upright":
+    if layout == "upright":
         # The die's upper half (texture up +- 90 degrees) outward, its lower half inward.
         return [
             bool(np.cos((x + w / 2) / circ * 2 * np.pi) >= 0)
             for x, w in zip(slots, widths, strict=True)
         ]
-    if hs.layout == "mixed":
+    if layout == "mixed":
         return [bool(rng.random() < 0.5) for _ in slots]
-    return [hs.outward] * len(slots)
+    return [outward] * len(slots)
 
 
 def _stroke_weight(strip: np.ndarray, weight: float, size: float) -> np.ndarray:

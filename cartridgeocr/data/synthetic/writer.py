@@ -16,9 +16,11 @@ import cv2
 import numpy as np
 
 from ...categories import COCO_CATEGORIES
+from .relief import check_stamp_style
 from .scene import render_scene
 
 #: Bump whenever a change alters the rendered pixels or labels, so cached datasets re-render.
+#: (The stamp style is a parameter of its own: ``ink`` renders as version 2 always did.)
 GENERATOR_VERSION = "2"
 
 ANNOTATIONS = "annotations.json"
@@ -54,14 +56,21 @@ class SynthError(ValueError):
     """Bad generator input (sizes, counts, output folder); the CLI prints it as one line."""
 
 
-def dataset_params(num_images: int, seed: int, image_size: int) -> dict:
-    """The parameters that define a rendered dataset (stored in ``info`` and in cache keys)."""
-    return {
+def dataset_params(num_images: int, seed: int, image_size: int, stamp_style: str = "ink") -> dict:
+    """The parameters that define a rendered dataset (stored in ``info`` and in cache keys).
+
+    ``ink`` is left out: its renders are those of before stamp styles existed, so datasets and
+    caches rendered then keep their keys; another style gives other keys.
+    """
+    params = {
         "generator_version": GENERATOR_VERSION,
         "image_size": int(image_size),
         "num_images": int(num_images),
         "seed": int(seed),
     }
+    if check_stamp_style(stamp_style) != "ink":
+        params["stamp_style"] = stamp_style
+    return params
 
 
 def _as_int(name: str, value: object) -> int:
@@ -121,10 +130,10 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _render_to_file(job: tuple[int, int, int, str]) -> tuple[int, list[dict]]:
+def _render_to_file(job: tuple[int, int, int, str, str]) -> tuple[int, list[dict]]:
     """Render image ``index`` and write its JPEG; returns its annotations (worker side)."""
-    index, seed, size, images_dir = job
-    res = render_scene(seed, index, size)
+    index, seed, size, images_dir, style = job
+    res = render_scene(seed, index, size, stamp_style=style)
     path = os.path.join(images_dir, f"{index:06d}.jpg")
     if not cv2.imwrite(path, res.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, res.jpeg_quality]):
         raise OSError(f"could not write {path}")
@@ -132,7 +141,7 @@ def _render_to_file(job: tuple[int, int, int, str]) -> tuple[int, list[dict]]:
 
 
 def _run_jobs(
-    jobs: list[tuple[int, int, int, str]], workers: int
+    jobs: list[tuple[int, int, int, str, str]], workers: int
 ) -> Iterator[tuple[int, list[dict]]]:
     if workers <= 1:
         for job in jobs:
@@ -173,17 +182,19 @@ def render_dataset(
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    stamp_style: str = "ink",
 ) -> Path:
     """Render ``num_images`` photos into ``out_dir/images`` and write ``out_dir/annotations.json``.
 
     Image ``i`` depends only on ``(seed, i)``, so any worker count gives the same dataset. An
     existing dataset with other parameters is refused unless ``overwrite``; one with the same
-    parameters is kept as is unless ``overwrite``. Returns the annotations path.
+    parameters is kept as is unless ``overwrite``. ``stamp_style``: ink, relief or mix (see
+    `relief`). Returns the annotations path.
     """
     n, seed, size = validate_params(num_images, seed, image_size)
     out = Path(out_dir)
     check_writable(out)
-    params = dataset_params(n, seed, size)
+    params = dataset_params(n, seed, size, stamp_style)
     ann_path = out / ANNOTATIONS
     found = existing_params(out)
     if found is not None and not overwrite:
@@ -201,7 +212,7 @@ def render_dataset(
         if _IMAGE_NAME.match(old.name):
             old.unlink()
     nworkers = max(1, min(int(workers or os.cpu_count() or 1), n))
-    jobs = [(i, seed, size, str(images_dir)) for i in range(n)]
+    jobs = [(i, seed, size, str(images_dir), stamp_style) for i in range(n)]
     per_image: dict[int, list[dict]] = {}
     start = time.perf_counter()
     with _progress(progress) as bar:
@@ -219,7 +230,7 @@ def render_dataset(
 
 
 def _describe(params: dict) -> str:
-    keys = ("num_images", "seed", "image_size", "generator_version")
+    keys = ("num_images", "seed", "image_size", "stamp_style", "generator_version")
     return ", ".join(f"{k}={params[k]}" for k in keys if k in params) or "unknown parameters"
 
 
@@ -240,9 +251,10 @@ def _coco(per_image: dict[int, list[dict]], n: int, size: int, params: dict) -> 
     }
 
 
-def cache_key(num_images: int, seed: int, image_size: int) -> str:
+def cache_key(num_images: int, seed: int, image_size: int, stamp_style: str = "ink") -> str:
     """Short stable hash of the generator parameters and version."""
-    blob = json.dumps(dataset_params(num_images, seed, image_size), sort_keys=True).encode()
+    params = dataset_params(num_images, seed, image_size, stamp_style)
+    blob = json.dumps(params, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -269,22 +281,22 @@ def ensure_synthetic(
     image_size: int,
     workers: int | None = None,
     progress: bool = True,
+    stamp_style: str = "ink",
 ) -> tuple[Path, Path]:
     """Render once into ``cache_root/<key>/`` and reuse it; returns (annotations, images dir).
 
     The completion marker is written last, so a render that was killed is redone, not trusted.
     """
     n, seed, size = validate_params(num_images, seed, image_size)
+    params = dataset_params(n, seed, size, stamp_style)
     root = Path(cache_root)
     check_writable(root)
-    folder = root / cache_key(n, seed, size)
+    folder = root / cache_key(n, seed, size, stamp_style)
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / COMPLETE_MARKER
     with _locked(root / f".{folder.name}.lock"):
         if not (marker.is_file() and (folder / ANNOTATIONS).is_file()):
             marker.unlink(missing_ok=True)
-            render_dataset(
-                folder, n, seed, size, overwrite=True, workers=workers, progress=progress
-            )
-            marker.write_text(json.dumps(dataset_params(n, seed, size), sort_keys=True) + "\n")
+            render_dataset(folder, n, seed, size, True, workers, progress, stamp_style=stamp_style)
+            marker.write_text(json.dumps(params, sort_keys=True) + "\n")
     return folder / ANNOTATIONS, folder / IMAGES
