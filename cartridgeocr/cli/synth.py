@@ -15,12 +15,14 @@ from omegaconf import DictConfig
 from cartridgeocr.cli.common import check_overrides
 from cartridgeocr.data.synthetic import (
     SynthError,
+    check_stamp_style,
     dataset_params,
     existing_params,
     render_dataset,
     validate_params,
 )
 from cartridgeocr.data.synthetic.writer import check_writable
+from cartridgeocr.errors import ConfigError
 
 
 def _fail(msg: str) -> None:
@@ -37,21 +39,22 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 def _app(cfg: DictConfig) -> None:
     try:
         n, seed, size = validate_params(cfg.num_images, cfg.seed, cfg.image_size)
+        style = check_stamp_style(cfg.stamp_style)
         if cfg.workers is not None and (not isinstance(cfg.workers, int) or cfg.workers < 1):
             raise SynthError(f"workers must be a positive integer or null, got {cfg.workers!r}")
         out = Path(str(cfg.out_dir))
         check_writable(out)
         overwrite = bool(cfg.overwrite)
         found = existing_params(out)
-        if found is not None and found == dataset_params(n, seed, size) and not overwrite:
+        if found is not None and found == dataset_params(n, seed, size, style) and not overwrite:
             print(
                 f"{out} already holds this dataset ({n} images); set overwrite=true to render it again"
             )
             return
         path = render_dataset(
-            out, n, seed, size, overwrite=overwrite, workers=cfg.workers, progress=True
+            out, n, seed, size, overwrite, cfg.workers, progress=True, stamp_style=style
         )
-    except SynthError as exc:
+    except (SynthError, ConfigError) as exc:
         _fail(str(exc))
         return
     print(f"wrote {n} images and {path}")

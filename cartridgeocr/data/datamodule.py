@@ -312,7 +312,11 @@ class SyntheticDataModule(DetectionDataModule):
         split_seed: int | None = 0,
         augment: dict | None = None,
         name: str = "synthetic",
+        stamp_style: str = "ink",
     ) -> None:
+        from cartridgeocr.data.synthetic import check_stamp_style
+
+        style = check_stamp_style(stamp_style, "data.stamp_style")
         super().__init__(
             val_fraction=val_fraction,
             image_size=image_size,
@@ -326,13 +330,20 @@ class SyntheticDataModule(DetectionDataModule):
         self.num_images = int(num_images)
         self.render_seed = int(seed)
         self.cache_dir = cache_dir
+        self.stamp_style = style
 
     def prepare_data(self) -> None:
         from cartridgeocr.data.synthetic import ensure_synthetic
 
         self.annotations, self.images = map(
             str,
-            ensure_synthetic(self.cache_dir, self.num_images, self.render_seed, self.image_size),
+            ensure_synthetic(
+                self.cache_dir,
+                self.num_images,
+                self.render_seed,
+                self.image_size,
+                stamp_style=self.stamp_style,
+            ),
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -277,8 +277,12 @@ class StripDataModule(L.LightningDataModule):
         run_seed: int | None = 0,
         progress: bool = True,
         name: str = "synthetic",
+        stamp_style: str = "ink",
     ) -> None:
+        from cartridgeocr.data.synthetic import check_stamp_style
+
         super().__init__()
+        self.stamp_style = check_stamp_style(stamp_style, "strips.stamp_style")
         if int(height) < 16 or int(height) % 16:
             raise ConfigError(
                 f"strips.height={height}: use a multiple of 16 (the network halves it 4 times)"
@@ -321,6 +325,7 @@ class StripDataModule(L.LightningDataModule):
             self.render_workers,
             self.progress,
             self.min_casing_diameter,
+            self.stamp_style,
         )
 
     def prepare_data(self) -> None:

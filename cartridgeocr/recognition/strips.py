@@ -201,17 +201,25 @@ def ensure_strips(
     render_workers: int | None = None,
     progress: bool = True,
     min_casing_diameter: float = 0.0,
+    stamp_style: str = "ink",
 ) -> Path:
     """Render (or reuse) the synthetic photos and unroll their labelled strips once; returns the
-    strips folder (``images/``, ``labels.json``). Concurrent callers wait on a lock."""
+    strips folder (``images/``, ``labels.json``). Concurrent callers wait on a lock. The stamp
+    style is part of the renders' parameters, so of both cache keys."""
     from cartridgeocr.data.synthetic import dataset_params, ensure_synthetic
     from cartridgeocr.data.synthetic.writer import _locked
 
     cache = Path(cache_dir)
     ann_path, images_dir = ensure_synthetic(
-        cache / "synthetic", num_images, seed, image_size, workers=render_workers, progress=progress
+        cache / "synthetic",
+        num_images,
+        seed,
+        image_size,
+        workers=render_workers,
+        progress=progress,
+        stamp_style=stamp_style,
     )
-    render = dataset_params(num_images, seed, image_size)
+    render = dataset_params(num_images, seed, image_size, stamp_style)
     key = strips_key(render, dict(unroll_cfg), float(jitter), float(min_casing_diameter))
     folder = cache / "strips" / key
     (folder / "images").mkdir(parents=True, exist_ok=True)
