@@ -175,6 +175,7 @@ def test_training_a_few_steps_is_recorded_in_mlflow(recogniser_run) -> None:
         a.path for d in ("checkpoints", "strips") for a in client.list_artifacts(run.info.run_id, d)
     }
     assert {"checkpoints/best.ckpt", "checkpoints/last.ckpt", "strips/epoch_000.png"} <= artifacts
+    assert "strips/real_vs_synthetic.png" in artifacts  # training strips beside real ones
     best = objects["checkpoint"].best_model_path
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert ckpt[RECOGNISER_KEY]["charset"] == CHARSET
@@ -279,6 +280,7 @@ def test_recogniser_config_errors_are_one_line(tmp_path: Path) -> None:
     for override, words in (
         ("strips.height=20", "strips.height=20"),
         ("strips.val_seed=2000", "strips.val_seed"),
+        ("strips.stamp_style=paint", "strips.stamp_style='paint'"),
     ):
         cfg = compose([*TINY, override], config_name="train_recogniser", root_dir=tmp_path)
         with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as err:

@@ -150,6 +150,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         ("num_images=-1", "image_size=64"),
         ("num_images=2", "image_size=16"),
         ("num_images=abc",),
+        ("num_images=2", "image_size=64", "stamp_style=paint"),
     ],
 )
 def test_cli_bad_numbers(tmp_path: Path, args: tuple[str, ...]) -> None:
@@ -179,7 +180,10 @@ def test_cli_existing_dataset(tmp_path: Path) -> None:
     assert len(lines) == 1 and "overwrite" in lines[0]
     assert path.read_bytes() == before
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 1
-    # Same parameters: reported as already there, nothing rendered.
-    same = _cli(f"out_dir={tmp_path}", "num_images=1", "image_size=64", "seed=0", "workers=1")
+    # Same parameters (the library renders ink unless told): already there, nothing rendered.
+    same = _cli(
+        f"out_dir={tmp_path}", "num_images=1", "image_size=64", "seed=0", "workers=1",
+        "stamp_style=ink",
+    )  # fmt: skip
     assert same.returncode == 0 and "already" in same.stdout
     assert path.read_bytes() == before
