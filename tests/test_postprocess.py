@@ -42,7 +42,7 @@ def test_nested_casings_unpaired_primer_and_a_casing_cut_by_the_frame() -> None:
             (PRIMER, 0.80, [300, 220, 15]),  # no casing anywhere near: dropped
             (CASING, 0.99, [370, 150, 50]),  # cut by the right border (x1 = 420 > 400): partial
             (PRIMER, 0.97, [370, 150, 15]),  # its primer
-            (CASING, 0.10, [250, 80, 40]),  # below the score threshold
+            (CASING, 0.05, [250, 80, 40]),  # below the (weak casing) score threshold
         ]
     )
     kept, carts = postprocess(det, SIZE, PostprocessConfig())
@@ -340,3 +340,32 @@ def test_a_ring_entirely_off_the_image_reads_as_empty_with_a_reason() -> None:
     far = Ellipse(-97.0, casing.cy, casing.a, casing.b, 0.0)
     with pytest.raises(RingTooThin):
         unroll(image, far, Ellipse(far.cx, far.cy, primer.a, primer.b, 0.0))
+
+
+def test_weak_casings_all_or_only_with_a_primer_or_cut_by_the_frame() -> None:
+    rows = [
+        (CASING, 0.15, [200, 240, 60]),  # weak, with a primer at its centre: kept
+        (PRIMER, 0.80, [200, 240, 20]),
+        (CASING, 0.15, [420, 240, 60]),  # weak, alone: dropped
+        (CASING, 0.15, [40, 100, 60]),  # weak, cut by the frame: kept, partial
+        (CASING, 0.05, [420, 100, 50]),  # below weak_casing_threshold, with a primer: dropped
+        (PRIMER, 0.80, [420, 100, 16]),
+    ]
+    cfg = PostprocessConfig(weak_casings="corroborated")
+    carts = postprocess(clipped(rows), BIG, cfg)[1]
+    got = sorted((round(c.casing.ellipse.cx), c.primer is not None, c.partial) for c in carts)
+    assert got == [(40, False, True), (200, True, False)]
+    carts = postprocess(clipped(rows), BIG, PostprocessConfig(weak_casings="all"))[1]
+    assert sorted(round(c.casing.ellipse.cx) for c in carts) == [40, 200, 420]
+    strict = postprocess(clipped(rows), BIG, replace(cfg, weak_casing_threshold=0.25))[1]
+    assert strict == []
+
+
+def test_a_weak_casing_never_replaces_a_confident_one() -> None:
+    rows = [
+        (CASING, 0.90, [330, 250, 120]),  # a little off its primer
+        (CASING, 0.12, [320, 240, 120]),  # concentric, but weak
+        (PRIMER, 0.80, [320, 240, 32]),
+    ]
+    (cart,) = postprocess(dets(rows), BIG, PostprocessConfig())[1]
+    assert cart.casing.score == pytest.approx(0.9)

@@ -139,7 +139,9 @@ def audit_detections(
     cfg = cfg or PostprocessConfig()
     audit = DetectionAudit(cfg.score_threshold)
     for record in index.records:
-        (p,) = predictor.predict([record.path])
+        # keep_image as the reader asks: without it the decoder may take a JPEG's draft mode,
+        # and the detector would see other pixels than it does when reading.
+        (p,) = predictor.predict([record.path], keep_image=True)
         if p.error is not None:
             raise ValueError(f"{record.file_name}: {p.error}")
         kept, _ = postprocess(p.detections, p.size, cfg)

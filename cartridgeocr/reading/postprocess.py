@@ -16,7 +16,12 @@ duplicate casing, and paired primers first-come with the first box that containe
    each hold a different primer are two cartridges, and both stay;
 3. primers are paired with casings by a **global assignment** (Hungarian), each primer with at
    most one casing that contains its centre within ``max_centre_offset`` casing radii;
-4. an unpaired primer is dropped; a casing without a primer is kept, its centre estimated;
+4. an unpaired primer is dropped; a casing without a primer is kept, its centre estimated.
+   Casings count down to ``weak_casing_threshold`` (primers down to ``score_threshold``): a
+   head the detector is unsure of is still a headstamp to read. Such a weak casing never
+   takes a confident box's place, and with ``weak_casings: corroborated`` it stays only with
+   a primer at its centre or cut by the frame (a false box rarely holds a concentric primer;
+   a cut head shows less of itself, so the detector is less sure of it);
 5. ellipses come from masks where the model gives them (``cv2.fitEllipse`` on the contour),
    else they are inscribed in the boxes.
 
@@ -57,6 +62,8 @@ class PostprocessConfig:
     """The ``reading.postprocess`` config node; every field is documented in configs/reading/."""
 
     score_threshold: float = 0.25
+    weak_casing_threshold: float = 0.1
+    weak_casings: str = "all"
     min_casing_size: float = 24.0
     min_primer_size: float = 4.0
     border_margin: float = 0.004
@@ -73,6 +80,10 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         if self.overlap not in ("ios", "iou"):
             raise ValueError(f"reading.postprocess.overlap={self.overlap!r}: use ios or iou")
+        if self.weak_casings not in ("all", "corroborated"):
+            raise ValueError(
+                f"reading.postprocess.weak_casings={self.weak_casings!r}: use all or corroborated"
+            )
         if self.dedup not in ("primer", "score"):
             raise ValueError(f"reading.postprocess.dedup={self.dedup!r}: use primer or score")
 
@@ -156,6 +167,9 @@ def postprocess(
     kept: list[int] = []
     for k, ci in enumerate(casings):
         pj = pairs.get(k)
+        weak = parts[ci].score < cfg.score_threshold
+        if weak and cfg.weak_casings == "corroborated" and pj is None and not parts[ci].cut:
+            continue  # it stays only with a primer at its centre, or cut by the frame
         primer = parts[primers[pj]] if pj is not None else None
         casing = parts[ci]
         if casing.cut and casing.ellipse_from == "box" and primer is not None:
@@ -172,14 +186,17 @@ def postprocess(
 def filter_detections(
     det: Detections, image_size: tuple[int, int], cfg: PostprocessConfig
 ) -> np.ndarray:
-    """Boolean keep-mask: score, minimum size (per class) and, with ``keep_partial: false``,
-    distance from all four borders."""
+    """Boolean keep-mask: score (casings down to ``weak_casing_threshold``), minimum size (per
+    class) and, with ``keep_partial: false``, distance from all four borders."""
     boxes = det.boxes.numpy().reshape(-1, 4)
     scores = det.scores.numpy()
     labels = det.labels.numpy()
     sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     min_side = np.where(labels == CASING, cfg.min_casing_size, cfg.min_primer_size)
-    keep = (scores >= cfg.score_threshold) & (sides >= min_side)
+    # A casing between weak_casing_threshold and score_threshold is weak (see postprocess).
+    casing_floor = min(cfg.score_threshold, cfg.weak_casing_threshold)
+    floor = np.where(labels == CASING, casing_floor, cfg.score_threshold)
+    keep = (scores >= floor) & (sides >= min_side)
     keep &= np.isin(labels, (CASING, PRIMER))
     if not cfg.keep_partial:
         keep &= ~cut_by_frame(boxes, image_size, cfg.border_margin).any(axis=1)
@@ -224,6 +241,7 @@ def suppress_casings(
     best = [_best_primer(c, primers, cfg) for c in casings]
     kept: list[int] = []
     for k, part in enumerate(casings):
+        weak = part.score < cfg.score_threshold  # below it, a casing fills gaps, replaces none
         rivals = [
             j
             for j in kept
@@ -232,8 +250,10 @@ def suppress_casings(
         ]
         if not rivals:
             kept.append(k)
-        elif cfg.dedup == "primer" and all(
-            _better(part, best[k], casings[j], best[j], cfg) for j in rivals
+        elif (
+            not weak
+            and cfg.dedup == "primer"
+            and all(_better(part, best[k], casings[j], best[j], cfg) for j in rivals)
         ):
             kept = sorted([j for j in kept if j not in rivals] + [k])
     return [indices[k] for k in kept]
