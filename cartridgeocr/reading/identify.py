@@ -32,10 +32,27 @@ import yaml
 from cartridgeocr.errors import ConfigError
 from cartridgeocr.reading.text import normalise_token
 
-PACKAGED_TABLE = "cartridgeocr/reading/data/headstamps.yaml"
 _TOP_KEYS = ("makers", "calibres", "years")
 _MAKER_KEYS = ("maker", "country", "military")
 _YEAR_KEYS = ("four_digit", "two_digit", "century_pivot", "nato_marks")
+
+
+def read_data_yaml(path: str | Path | None, packaged: str, key: str) -> tuple[Any, str]:
+    """(parsed YAML, where it came from) of a user's file, or of ``packaged`` in the package's
+    ``reading/data`` when ``path`` is empty. A missing file names ``key``; bad YAML is one
+    line naming the file."""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{key}={path}: file not found")
+        text, source = p.read_text(encoding="utf-8"), str(p)
+    else:
+        ref = resources.files("cartridgeocr.reading") / "data" / packaged
+        text, source = ref.read_text(encoding="utf-8"), f"cartridgeocr/reading/data/{packaged}"
+    try:
+        return yaml.safe_load(text) or {}, source
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
 
 
 @dataclass(frozen=True)
@@ -70,18 +87,7 @@ class HeadstampTable:
     def load(cls, path: str | Path | None = None) -> HeadstampTable:
         """The packaged table, or a YAML file with ``makers``, ``calibres`` and ``years`` (any
         may be missing). A bad file raises a one-line ConfigError naming the file and key."""
-        if path:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"headstamps={path}: file not found")
-            text, source = p.read_text(encoding="utf-8"), str(p)
-        else:
-            ref = resources.files("cartridgeocr.reading") / "data" / "headstamps.yaml"
-            text, source = ref.read_text(encoding="utf-8"), PACKAGED_TABLE
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+        data, source = read_data_yaml(path, "headstamps.yaml", "headstamps")
         return cls.from_dict(data, source)
 
     @classmethod

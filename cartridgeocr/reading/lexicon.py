@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
 from rapidfuzz.distance import Levenshtein
 
 from cartridgeocr.errors import ConfigError
@@ -96,20 +94,9 @@ class Lexicon:
         ``patterns`` lists (any may be missing), and optionally ``headstamps``: a headstamp
         table (`cartridgeocr.reading.identify`; a path relative to the lexicon file) whose maker
         codes, calibre spellings and year patterns join the lists, so that one file holds them."""
-        from cartridgeocr.reading.identify import HeadstampTable, packaged_table
+        from cartridgeocr.reading.identify import HeadstampTable, packaged_table, read_data_yaml
 
-        if path:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"reading.lexicon_path={path}: file not found")
-            text, source = p.read_text(encoding="utf-8"), str(p)
-        else:
-            ref = resources.files("cartridgeocr.reading") / "data" / "lexicon.yaml"
-            text, source = ref.read_text(encoding="utf-8"), "cartridgeocr/reading/data/lexicon.yaml"
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+        data, source = read_data_yaml(path, "lexicon.yaml", "reading.lexicon_path")
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected keys makers, calibres, words, patterns")
         table = None
