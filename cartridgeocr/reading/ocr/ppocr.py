@@ -161,9 +161,9 @@ class PpOcrEngine(OcrEngine):
 
         result: list[np.ndarray | None] = [None] * len(crops)
         # Crops of one width batch together (all windows are one size); each whole strip alone.
-        by_width: dict[int, list[int]] = {}
+        by_width: dict[tuple[int, int], list[int]] = {}
         for i, c in enumerate(crops):
-            by_width.setdefault(c.shape[1] * 10_000 + c.shape[0], []).append(i)
+            by_width.setdefault(c.shape[:2], []).append(i)
         for group in by_width.values():
             for start in range(0, len(group), self.batch_size):
                 idx = group[start : start + self.batch_size]
