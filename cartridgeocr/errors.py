@@ -2,6 +2,37 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+#: Every error line a command prints, `error: ` included, is shorter than this: longer messages
+#: are cut in the middle (the head names the file and the field, the tail says what to do).
+MAX_ERROR_LINE = 300
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 40
+_REPR.maxother = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def quoted(value: Any, limit: int = 60) -> str:
+    """`repr(value)` for an error message, kept short: a 3 MB string or a deeply nested list
+    from a user's file comes out as its first few characters and `...`."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip_line(message: str, limit: int = MAX_ERROR_LINE - 1 - len("error: ")) -> str:
+    """`message` on one line of at most `limit` characters (by default, what fits after
+    `error: ` in a line shorter than `MAX_ERROR_LINE`): whitespace runs (newlines included)
+    become one space, and an over-long middle becomes ` ... `."""
+    line = " ".join(message.split())
+    if len(line) <= limit:
+        return line
+    tail = min(limit // 3, 90)
+    return line[: limit - tail - 5] + " ... " + line[-tail:]
+
 
 class ConfigError(ValueError):
     """A config value that cannot work (names the key and the problem)."""

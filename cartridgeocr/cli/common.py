@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from cartridgeocr.errors import clip_line
+
 console = Console(stderr=True)
 
 
@@ -56,15 +58,18 @@ def configure_console_logging(level: int = logging.INFO) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """The last meaningful line: errors re-raised from DataLoader workers carry a traceback text."""
+    """The last meaningful line: errors re-raised from DataLoader workers carry a traceback text.
+    Cut to fit an error line (`cartridgeocr.errors.MAX_ERROR_LINE`)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     line = lines[-1] if lines else type(exc).__name__
     prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
-    return line.removeprefix(prefix).removeprefix(f"{type(exc).__name__}: ")
+    return clip_line(line.removeprefix(prefix).removeprefix(f"{type(exc).__name__}: "))
 
 
 def fail(message: str) -> None:
-    """Print `error: <message>` on stderr and exit with status 2 (bad input or config)."""
+    """Print `error: <message>` on stderr and exit with status 2 (bad input or config); the line
+    stays under `cartridgeocr.errors.MAX_ERROR_LINE` characters, however long the message."""
+    message = clip_line(message)
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(2)
 

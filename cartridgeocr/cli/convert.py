@@ -15,6 +15,13 @@ import sys
 from pathlib import Path
 
 from cartridgeocr.data.coco import DatasetError, load_coco, write_coco
+from cartridgeocr.errors import clip_line
+
+
+def _error(message: str) -> int:
+    """One `error:` line on stderr (cut to `errors.MAX_ERROR_LINE`); exit status 2."""
+    print(f"error: {clip_line(message)}", file=sys.stderr)
+    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.output.exists() and not args.force:
-        print(f"error: {args.output}: already exists (use --force to overwrite)", file=sys.stderr)
-        return 2
+    try:
+        exists = args.output.exists()
+    except OSError as e:  # a name too long for the file system
+        return _error(f"{args.output}: cannot write ({e.strerror or e})")
+    if exists and not args.force:
+        return _error(f"{args.output}: already exists (use --force to overwrite)")
     try:
         index = load_coco(
             args.input,
@@ -69,13 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             skip_bad_images=args.skip_bad_images,
         )
     except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     try:
         write_coco(index, args.output)
     except OSError as e:
-        print(f"error: {args.output}: cannot write ({e.strerror or e})", file=sys.stderr)
-        return 2
+        return _error(f"{args.output}: cannot write ({e.strerror or e})")
     if not args.quiet:
         print(f"{args.input} [{index.format}] -> {args.output}: {index.report.summary()}")
     return 0

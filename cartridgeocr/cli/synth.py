@@ -22,11 +22,11 @@ from cartridgeocr.data.synthetic import (
     validate_params,
 )
 from cartridgeocr.data.synthetic.writer import check_writable
-from cartridgeocr.errors import ConfigError
+from cartridgeocr.errors import ConfigError, clip_line
 
 
 def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {clip_line(msg)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -8,9 +8,14 @@ that names the file and the field, so training code can trust what it gets:
 * category ids are this project's (`cartridgeocr.categories`), remapped by name if needed;
 * every image path is inside the images root and every image decodes.
 
-Small problems (a polygon poking out of the frame, a zero-area box, a crowd region) are fixed or
-dropped, counted in `LoadReport` and logged under the `cartridgeocr.data` logger. Structural
-problems (bad JSON, unknown ids, paths escaping the root, missing images) raise `DatasetError`.
+Small problems (a polygon or box poking out of the frame, a zero-area box, a crowd region) are
+fixed or dropped, counted in `LoadReport` and logged under the `cartridgeocr.data` logger.
+Structural problems (bad or too deeply nested JSON, unknown ids, paths escaping the root or
+holding a NUL byte, missing images) raise `DatasetError`, and so do values no tool means: a label
+on the image reaching more than an image side off it (a bbox of 1e308 is not clipped into a
+whole-image casing), an RLE mask sized for neither the image nor the json's width and height,
+an `iscrowd` other than 0/1/true/false/null. Messages quote values short and list at most a
+few items (`errors.quoted`), so each stays one readable line.
 
 RLE segmentations are decoded and turned into polygons (outer contours through the boundary
 pixel centres, holes dropped; pixel centres at integer coordinates, see `cartridgeocr.geometry`), so downstream code only ever sees one representation.
@@ -38,6 +43,7 @@ from pycocotools import mask as mask_utils
 
 from cartridgeocr.categories import CATEGORY_NAMES, COCO_CATEGORIES
 from cartridgeocr.data.images import DatasetError, image_size, verify_image
+from cartridgeocr.errors import quoted
 from cartridgeocr.geometry import clip_polygon, polygon_area, rasterize_polygons
 
 __all__ = [
@@ -60,6 +66,11 @@ MIN_BOX_SIDE = 0.5
 _NORM_TOL = 0.05
 #: Per-kind cap on individual warning lines; the rest are summarised in one line.
 _WARN_LIMIT = 5
+#: A label on the image reaching more than this many image sides off the frame is a broken
+#: value, not a label poking out of the photo: refused rather than clipped into a whole-image box.
+_FAR_OUTSIDE = 1.0
+#: How many items an error message lists before `and N more`.
+_LIST_LIMIT = 5
 
 _AML_URL = re.compile(r"^amldatastore://[^/]*/", re.IGNORECASE)
 _ANY_URL = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/]+/", re.IGNORECASE)
@@ -105,6 +116,7 @@ class LoadReport:
     orientation_mismatches: int = 0
     rle_converted: int = 0
     remapped_categories: int = 0
+    clipped_boxes: int = 0
     converted_modes: dict[str, int] = field(default_factory=dict)  # source mode -> images
 
     def summary(self) -> str:
@@ -113,6 +125,7 @@ class LoadReport:
         labels = {
             "dropped_zero_area": "zero-area boxes dropped",
             "clipped_polygons": "polygons clipped to the image",
+            "clipped_boxes": "boxes clipped to the image",
             "dropped_degenerate_polygons": "degenerate polygons dropped",
             "dropped_no_geometry": "annotations without usable geometry dropped",
             "skipped_crowd": "crowd annotations skipped",
@@ -164,9 +177,15 @@ class _Warnings:
 # --------------------------------------------------------------------------- small parsers
 
 
+def _listed(items: list[str]) -> str:
+    """The first few items, then `and N more`: a 200,000-entry list stays a one-line message."""
+    head = ", ".join(items[:_LIST_LIMIT])
+    return head if len(items) <= _LIST_LIMIT else f"{head} and {len(items) - _LIST_LIMIT} more"
+
+
 def _number(value: Any, path: Path, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DatasetError(f"{path}: {where}: expected a finite number, got {value!r}")
+        raise DatasetError(f"{path}: {where}: expected a finite number, got {quoted(value)}")
     return float(value)
 
 
@@ -177,16 +196,16 @@ def _int_id(value: Any, path: Path, where: str) -> int:
         or not math.isfinite(value)
         or value != int(value)
     ):
-        raise DatasetError(f"{path}: {where}: expected an integer id, got {value!r}")
+        raise DatasetError(f"{path}: {where}: expected an integer id, got {quoted(value)}")
     return int(value)
 
 
 def _read_json(path: Path) -> dict:
-    if not path.exists():
-        raise DatasetError(f"{path}: annotation file not found")
-    if path.is_dir():
-        raise DatasetError(f"{path}: is a directory, expected a COCO .json file")
     try:
+        if not path.exists():
+            raise DatasetError(f"{path}: annotation file not found")
+        if path.is_dir():
+            raise DatasetError(f"{path}: is a directory, expected a COCO .json file")
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
@@ -195,6 +214,10 @@ def _read_json(path: Path) -> dict:
         ) from None
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise DatasetError(
+            f"{path}: not valid JSON for COCO (arrays or objects nested too deeply to read)"
+        ) from None
     except OSError as e:
         raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
@@ -223,7 +246,7 @@ def _category_map(data: dict, path: Path) -> dict[int, int]:
         cid = _int_id(cat["id"], path, f"categories[{k}].id")
         ours = by_name.get(cat["name"].strip().lower())
         if ours is None:
-            unknown.append(f"{cid} {cat['name']!r}")
+            unknown.append(f"{cid} {quoted(cat['name'])}")
         elif mapping.get(cid, ours) != ours:
             raise DatasetError(f"{path}: categories[{k}]: id {cid} is used for two names")
         else:
@@ -231,7 +254,7 @@ def _category_map(data: dict, path: Path) -> dict[int, int]:
     if unknown:
         expected = ", ".join(CATEGORY_NAMES.values())
         raise DatasetError(
-            f"{path}: categories: unsupported {', '.join(unknown)}; expected names {expected}"
+            f"{path}: categories: unsupported {_listed(unknown)}; expected names {expected}"
         )
     return mapping
 
@@ -332,16 +355,22 @@ def _resolve_image(
             or PureWindowsPath(cand).drive
         ):
             raise DatasetError(
-                f"{path}: {where}: absolute file_name {cand!r} refused; "
+                f"{path}: {where}: absolute file_name {quoted(cand)} refused; "
                 "it must be relative to the images root"
             )
-        resolved = (root / cand).resolve()
-        if not resolved.is_relative_to(root):
+        try:
+            resolved = (root / cand).resolve()
+            if not resolved.is_relative_to(root):
+                raise DatasetError(
+                    f"{path}: {where}: file_name {quoted(cand)} escapes the images root {root}"
+                )
+            if resolved.is_file():
+                return resolved
+        except (OSError, RuntimeError) as e:  # name too long; a symlink loop (RuntimeError)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "symlink loop"
             raise DatasetError(
-                f"{path}: {where}: file_name {cand!r} escapes the images root {root}"
-            )
-        if resolved.is_file():
-            return resolved
+                f"{path}: {where}: file_name {quoted(cand)} cannot be opened ({reason})"
+            ) from None
     return None
 
 
@@ -424,6 +453,12 @@ def _parse_images(
         first_seen[img_id] = i
         where = f"{where} (id {img_id})"
 
+        for key in ("file_name", "coco_url"):
+            if isinstance(entry.get(key), str) and "\x00" in entry[key]:
+                raise DatasetError(
+                    f"{path}: {where}.{key}: {quoted(entry[key])} contains a NUL byte, "
+                    "which no file name can hold"
+                )
         raw_names = [entry.get(k) for k in ("file_name", "coco_url")]
         raw_names = [n for n in raw_names if isinstance(n, str) and n.strip()]
         if not raw_names:
@@ -492,6 +527,57 @@ def _parse_polygons(
     return polys, True, None
 
 
+def _iscrowd(ann: dict, path: Path, where: str) -> bool:
+    """COCO's 0/1 flag (true/false and null accepted); anything else, NaN included, is refused
+    rather than read as truthy."""
+    value = ann.get("iscrowd")
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return value == 1
+    raise DatasetError(f"{path}: {where}.iscrowd: expected 0 or 1, got {quoted(value)}")
+
+
+def _check_inside(
+    xs: list[float], ys: list[float], width: int, height: int, path: Path, where: str, what: Any
+) -> None:
+    """Refuse a label that overlaps the image yet reaches far off the frame (a 1e308 from a
+    broken tool): clipping it would make a whole-image box. One merely poking out is clipped,
+    one wholly outside dropped (both counted)."""
+    if max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:
+        return
+    mx, my = _FAR_OUTSIDE * width, _FAR_OUTSIDE * height
+    if min(xs) < -mx or max(xs) > width + mx or min(ys) < -my or max(ys) > height + my:
+        extent = f"x {min(xs):.6g}..{max(xs):.6g}, y {min(ys):.6g}..{max(ys):.6g}"
+        raise DatasetError(
+            f"{path}: {where}: {quoted(what, 50)} spans {extent} px, far outside the "
+            f"{width}x{height} image; not clipped to the frame (fix the value)"
+        )
+
+
+def _rle_scale(
+    rle_hw: tuple[int, int],
+    rec: ImageRecord,
+    json_size: tuple[float | None, float | None],
+    factor: tuple[float, float],
+    path: Path,
+    where: str,
+) -> tuple[float, float]:
+    """An RLE mask is drawn on the image's grid, or on the json's (a resized copy: scaled with
+    the other coordinates); one of any other size is refused, not stretched over the photo."""
+    rh, rw = rle_hw
+    if (rw, rh) == (rec.width, rec.height):
+        return 1.0, 1.0
+    jw, jh = json_size
+    if jw is not None and jh is not None and abs(rw - jw) < 1 and abs(rh - jh) < 1:
+        return factor
+    listed = "" if jw is None or jh is None else f" (json size {jw:g}x{jh:g})"
+    raise DatasetError(
+        f"{path}: {where}.segmentation.size: RLE mask is {rw}x{rh} but the image is "
+        f"{rec.width}x{rec.height}{listed}; a mask of another size is not stretched to fit"
+    )
+
+
 def _check_normalised(values: list[float], path: Path, where: str) -> None:
     bad = next((v for v in values if not -_NORM_TOL <= v <= 1 + _NORM_TOL), None)
     if bad is not None:
@@ -508,6 +594,7 @@ def _build_annotation(
     cat_map: dict[int, int],
     fmt: str,
     factor: tuple[float, float],
+    json_size: tuple[float | None, float | None],
     path: Path,
     report: LoadReport,
     warnings: _Warnings,
@@ -516,18 +603,18 @@ def _build_annotation(
         raise DatasetError(f"{path}: {where}: missing 'category_id'")
     file_cat = _int_id(ann["category_id"], path, f"{where}.category_id")
     if file_cat not in cat_map:
-        known = ", ".join(f"{k}" for k in sorted(cat_map))
+        known = _listed([str(k) for k in sorted(cat_map)])
         raise DatasetError(
             f"{path}: {where}: unknown category_id {file_cat} (categories in file: {known})"
         )
-    if ann.get("iscrowd"):
+    if _iscrowd(ann, path, where):
         report.skipped_crowd += 1
         return None
 
     W, H = rec.width, rec.height
     polys, had_seg, rle_hw = _parse_polygons(ann.get("segmentation"), path, where, report, warnings)
     if rle_hw is not None:  # RLE is pixels of its own grid, never normalised
-        sx, sy = W / rle_hw[1], H / rle_hw[0]
+        sx, sy = _rle_scale(rle_hw, rec, json_size, factor, path, where)
     elif fmt == "aml":
         for k, p in enumerate(polys):
             _check_normalised(p, path, f"{where}.segmentation[{k}]")
@@ -540,6 +627,7 @@ def _build_annotation(
     kept: list[list[float]] = []
     for k, poly in enumerate(polys):
         xs, ys = poly[0::2], poly[1::2]
+        _check_inside(xs, ys, W, H, path, f"{where}.segmentation[{k}]", poly)
         eps = 1e-3
         if min(xs) < -eps or min(ys) < -eps or max(xs) > W + eps or max(ys) > H + eps:
             poly = _clip_polygon(poly, W, H)
@@ -571,8 +659,14 @@ def _build_annotation(
             fx, fy = float(W), float(H)
         else:
             fx, fy = factor
-        x1, y1 = min(max(x * fx, 0.0), W), min(max(y * fy, 0.0), H)
-        x2, y2 = min(max((x + bw) * fx, 0.0), W), min(max((y + bh) * fy, 0.0), H)
+        xs, ys = [x * fx, (x + bw) * fx], [y * fy, (y + bh) * fy]
+        _check_inside(xs, ys, W, H, path, f"{where}.bbox", raw_box)
+        eps = 1e-3
+        if min(xs) < -eps or min(ys) < -eps or max(xs) > W + eps or max(ys) > H + eps:
+            report.clipped_boxes += 1
+            warnings.warn("clipped box", f"{where}.bbox: clipped to the image")
+        x1, y1 = min(max(xs[0], 0.0), W), min(max(ys[0], 0.0), H)
+        x2, y2 = min(max(xs[1], 0.0), W), min(max(ys[1], 0.0), H)
         if x2 - x1 > MIN_BOX_SIDE and y2 - y1 > MIN_BOX_SIDE:
             bbox = (x1, y1, x2, y2)
         elif not kept:
@@ -662,9 +756,13 @@ def load_coco(
     path = Path(annotations).expanduser().absolute()
     data = _read_json(path)
     root_arg = Path(images).expanduser()
-    if not root_arg.is_dir():
-        raise DatasetError(f"{root_arg}: images directory not found (for {path})")
-    root = root_arg.resolve()
+    try:
+        if not root_arg.is_dir():
+            raise DatasetError(f"{root_arg}: images directory not found (for {path})")
+        root = root_arg.resolve()
+    except (OSError, RuntimeError) as e:  # a name too long; a symlink loop (RuntimeError)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "symlink loop"
+        raise DatasetError(f"{root_arg}: images directory cannot be read ({reason})") from None
     if fmt not in ("auto", "coco", "aml"):
         raise DatasetError(f"{path}: unknown format {fmt!r}; expected auto, coco or aml")
     if fmt == "auto":
@@ -684,6 +782,7 @@ def load_coco(
 
     records: dict[int, ImageRecord] = {}
     factors: dict[int, tuple[float, float]] = {}
+    json_sizes = {p.id: p.json_size for p in pending}
     skipped: set[int] = set()
     modes: Counter[str] = Counter()
     for p, (size, mode, error) in zip(pending, probes, strict=True):
@@ -706,7 +805,7 @@ def load_coco(
     for j, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DatasetError(f"{path}: annotations[{j}]: expected an object")
-        where = f"annotations[{j}]" + (f" (id {ann['id']})" if "id" in ann else "")
+        where = f"annotations[{j}]" + (f" (id {quoted(ann['id'], 30)})" if "id" in ann else "")
         if "image_id" not in ann:
             raise DatasetError(f"{path}: {where}: missing 'image_id'")
         image_id = _int_id(ann["image_id"], path, f"{where}.image_id")
@@ -718,7 +817,16 @@ def load_coco(
             raise DatasetError(f"{path}: {where}: references unknown image_id {image_id}")
         had_annotations[image_id] += 1
         a = _build_annotation(
-            ann, where, rec, cat_map, fmt, factors[image_id], path, report, warnings
+            ann,
+            where,
+            rec,
+            cat_map,
+            fmt,
+            factors[image_id],
+            json_sizes[image_id],
+            path,
+            report,
+            warnings,
         )
         if a is not None:
             rec.annotations.append(a)
