@@ -179,6 +179,25 @@ def test_rle_of_another_size_is_refused_not_stretched(tmp_path: Path) -> None:
     assert "10x10" in message and "64x48" in message
 
 
+def test_rle_of_another_size_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """A 20000x20000 mask (400 MB decoded) on a 64x48 photo: refused from its size alone."""
+    seg = {"size": [20_000, 20_000], "counts": [20_000 * 20_000]}
+    path, images = _one_image(
+        tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": seg}]
+    )
+    assert "RLE mask is 20000x20000" in _error(path, images)
+    for size in (None, [1], ["a", 2], [float("nan"), 3]):
+        seg = {"size": size, "counts": [1]}
+        write_json(
+            path,
+            coco_dict(
+                [{"id": 1, "file_name": "a.jpg"}],
+                [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": seg}],
+            ),
+        )
+        assert "malformed RLE segmentation (size must be [height, width]" in _error(path, images)
+
+
 def test_rle_on_the_json_grid_of_a_resized_copy_is_scaled(tmp_path: Path) -> None:
     """Labels (RLE included) drawn on a half-size copy: the json size and the RLE agree, the image
     is twice as large, so the mask is scaled with the rest (a counted fix)."""

@@ -391,10 +391,22 @@ def _clip_polygon(poly: list[float], width: float, height: float) -> list[float]
     return [v for p in deduped for v in p]
 
 
-def _rle_to_polygons(rle: dict, path: Path, where: str) -> tuple[list[list[float]], int, int]:
-    """Decode an RLE segmentation; return (outer-contour polygons, rle_height, rle_width)."""
+def _rle_size(rle: dict, path: Path, where: str) -> tuple[int, int]:
+    """An RLE segmentation's (height, width), read before anything is decoded."""
     try:
         h, w = (int(v) for v in rle["size"])
+    except Exception:  # missing, not two numbers, NaN
+        raise DatasetError(
+            f"{path}: {where}: malformed RLE segmentation (size must be [height, width], "
+            f"got {quoted(rle.get('size'))})"
+        ) from None
+    return h, w
+
+
+def _rle_to_polygons(rle: dict, path: Path, where: str) -> tuple[list[list[float]], int, int]:
+    """Decode an RLE segmentation; return (outer-contour polygons, rle_height, rle_width)."""
+    h, w = _rle_size(rle, path, where)
+    try:
         counts = rle["counts"]
         obj = mask_utils.frPyObjects(rle, h, w) if isinstance(counts, list) else dict(rle)
         if isinstance(obj.get("counts"), str):
@@ -612,7 +624,10 @@ def _build_annotation(
         return None
 
     W, H = rec.width, rec.height
-    polys, had_seg, rle_hw = _parse_polygons(ann.get("segmentation"), path, where, report, warnings)
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict):  # a mask of another size is refused before it is decoded
+        _rle_scale(_rle_size(seg, path, where), rec, json_size, factor, path, where)
+    polys, had_seg, rle_hw = _parse_polygons(seg, path, where, report, warnings)
     if rle_hw is not None:  # RLE is pixels of its own grid, never normalised
         sx, sy = _rle_scale(rle_hw, rec, json_size, factor, path, where)
     elif fmt == "aml":
