@@ -262,8 +262,7 @@ def start_weights(cfg: DictConfig) -> tuple[str, str | None]:
         return str(path.resolve()), run_id or None
     if path.suffix or "/" in source:
         raise ConfigError(f"finetune.start_from={source}: no such checkpoint file")
-    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
-    tracking.prepare_store(uri)
+    uri = tracking.open_store(cfg)
     client = mlflow.MlflowClient(uri)
     try:
         client.get_run(source)

@@ -109,17 +109,27 @@ def default_artifact_location(uri: str, configured: str | None) -> str | None:
 
 #: How long a process waits for another one to finish preparing the store.
 STORE_LOCK_TIMEOUT_S = 600
+#: How long a first contact with a tracking server may take (``logger.connect_timeout_s``):
+#: MLflow's own retries would wait minutes for a server that is not there.
+CONNECT_TIMEOUT_S = 30.0
+#: Tables every MLflow store has; a sqlite database with tables but none of these is another
+#: application's.
+MLFLOW_TABLES = frozenset({"experiments", "runs"})
 
 
-def prepare_store(uri: str) -> None:
+def prepare_store(uri: str, connect_timeout_s: float | None = None) -> None:
     """Make the tracking store ready: create a fresh sqlite store's schema exactly once, safely
     from many processes at once, and refuse a broken store with one line that says what to do.
 
     Every entry point that opens the store calls this first. For sqlite it runs under an
     inter-process file lock beside the database (``mlflow.db.lock``), so parallel first runs
-    don't race on MLflow's schema migrations; once the schema exists it is a quick no-op.
-    Raises `TrackingStoreError`.
+    don't race on MLflow's schema migrations; once the schema exists it is a quick no-op. A
+    tracking server (http, https) must answer within ``connect_timeout_s`` seconds (default
+    `CONNECT_TIMEOUT_S`). Raises `TrackingStoreError`.
     """
+    if uri.startswith(("http://", "https://")):
+        _wait_for_server(uri, CONNECT_TIMEOUT_S if connect_timeout_s is None else connect_timeout_s)
+        return
     if not uri.startswith("sqlite:"):
         _open_store(uri)
         return
@@ -147,6 +157,14 @@ def prepare_store(uri: str) -> None:
         raise TrackingStoreError(f"{uri}: cannot lock the store ({exc.strerror or exc})") from None
 
 
+def open_store(cfg: DictConfig) -> str:
+    """The store a command's config names (``cfg.logger``, ``cfg.paths.root_dir``), prepared
+    (`prepare_store`, waiting ``logger.connect_timeout_s`` for a server); returns its URI."""
+    uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
+    prepare_store(uri, cfg.logger.get("connect_timeout_s"))
+    return uri
+
+
 def _check_sqlite_schema(path: Path, uri: str) -> None:
     """Refuse a database that is not sqlite, or that an interrupted migration left half done."""
     if not path.is_file() or path.stat().st_size == 0:
@@ -156,6 +174,13 @@ def _check_sqlite_schema(path: Path, uri: str) -> None:
             tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
     except sqlite3.DatabaseError as exc:
         raise TrackingStoreError(f"{uri}: not an MLflow database ({exc})") from None
+    if tables and not MLFLOW_TABLES & set(tables):
+        # MLflow would add its tables to the other program's database: refuse it untouched.
+        shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise TrackingStoreError(
+            f"{uri}: not an MLflow database (another program's tables: {shown}); it is left as "
+            "it was: set logger.tracking_uri to another file"
+        )
     leftover = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
     if leftover:
         raise TrackingStoreError(
@@ -163,6 +188,56 @@ def _check_sqlite_schema(path: Path, uri: str) -> None:
             f"{leftover[0]}); move {path} aside (keep it: its runs are still in it) to start a "
             "fresh store, or restore a backup"
         )
+
+
+def _wait_for_server(uri: str, timeout_s: float) -> None:
+    """Ask the tracking server for one experiment, again and again for up to ``timeout_s``
+    seconds (it may be starting up); an answer other than a temporary failure ends the wait."""
+    import time
+
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    timeout_s = float(timeout_s)
+    if not timeout_s > 0:
+        raise TrackingStoreError(f"logger.connect_timeout_s={timeout_s:g}: must be > 0 seconds")
+    creds = get_default_host_creds(uri)
+    deadline = time.monotonic() + timeout_s
+    reason = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            response = http_request(
+                creds,
+                "/api/2.0/mlflow/experiments/search",
+                "POST",
+                max_retries=0,
+                backoff_factor=0,
+                backoff_jitter=0,
+                timeout=max(0.5, min(10.0, left)),
+                raise_on_status=False,
+                json={"max_results": 1},
+            )
+        except Exception as exc:  # refused, unreachable, timed out: MLflow wraps them all
+            text = str(exc)
+            reason = "connection refused" if "refused" in text.lower() else short_error(exc)[:120]
+        else:
+            if response.status_code == 200:
+                return
+            if response.status_code not in (429, 502, 503, 504):
+                detail = " ".join(response.text.split())[:120]
+                raise TrackingStoreError(
+                    f"{uri}: the tracking server answered HTTP {response.status_code} ({detail})"
+                )
+            reason = f"HTTP {response.status_code}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(1.0, left))
+    raise TrackingStoreError(
+        f"{uri}: no MLflow tracking server answered within {timeout_s:g} s ({reason}); start it "
+        "or fix logger.tracking_uri (logger.connect_timeout_s sets how long to wait)"
+    )
 
 
 def _open_store(uri: str) -> None:
@@ -238,8 +313,7 @@ def create_parent_run(
 ) -> tuple[mlflow.MlflowClient, str]:
     """Open the parent run of a sweep or a search in the store and experiment ``cfg`` names.
     Returns (client, run id); its jobs' runs point at it with ``mlflow.parentRunId``."""
-    uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
-    prepare_store(uri)
+    uri = open_store(cfg)
     client = mlflow.MlflowClient(uri)
     exp = experiment_id(
         client, cfg.logger.experiment_name, uri, cfg.logger.get("artifact_location")
@@ -287,8 +361,7 @@ def last_logged_steps(client: mlflow.MlflowClient, run_id: str) -> dict[str, int
 def create_logger(
     cfg: DictConfig, run_id: str | None = None, tags: dict | None = None
 ) -> MLFlowLogger:
-    uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
-    prepare_store(uri)
+    uri = open_store(cfg)
     return ResumableMLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.get("run_name") or (None if run_id else default_run_name(cfg)),
@@ -307,8 +380,7 @@ def create_run(cfg: DictConfig, tags: dict[str, str]) -> str:
     """Open a run now, before training starts, and return its id: a parent whose child runs
     (cross-validation folds) must name it while they train. Training then logs into it with
     ``train(cfg, run_id=...)``. Same store, experiment and name as `create_logger` would use."""
-    uri = resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
-    prepare_store(uri)
+    uri = open_store(cfg)
     client = mlflow.MlflowClient(uri)
     name = cfg.logger.experiment_name
     experiment = client.get_experiment_by_name(name)

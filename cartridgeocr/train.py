@@ -229,8 +229,7 @@ def resume_point(cfg: DictConfig) -> tuple[str | None, str | None]:
     if local is not None:
         checkpoint_step(local)  # a readable checkpoint, or one line that says what is wrong
         return str(local), run_id
-    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
-    tracking.prepare_store(uri)
+    uri = tracking.open_store(cfg)
     client = mlflow.MlflowClient(uri)
     try:
         run = client.get_run(run_id)

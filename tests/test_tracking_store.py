@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -101,3 +102,67 @@ def test_a_store_locked_past_the_timeout_is_one_line(tmp_path: Path, monkeypatch
     monkeypatch.setattr(tracking, "STORE_LOCK_TIMEOUT_S", 0.2)
     with FileLock(f"{path}.lock"), pytest.raises(TrackingStoreError, match="another process"):
         tracking.prepare_store(f"sqlite:///{path}")
+
+
+def test_another_applications_sqlite_database_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """A valid sqlite file of some other program: refused with one line naming it, and MLflow
+    adds none of its tables to it."""
+    path = tmp_path / "notes.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        db.execute("INSERT INTO notes (text) VALUES ('keep me')")
+    before = path.read_bytes()
+    with pytest.raises(TrackingStoreError) as info:
+        tracking.prepare_store(f"sqlite:///{path}")
+    message = str(info.value)
+    assert str(path) in message and "not an MLflow" in message and "notes" in message
+    assert "\n" not in message and len(message) < 300
+    assert path.read_bytes() == before
+    with sqlite3.connect(path) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert tables == {"notes"}
+
+
+def test_an_empty_sqlite_file_and_an_mlflow_store_are_accepted(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # a valid, table-less database: a fresh store is made in it
+    tracking.prepare_store(f"sqlite:///{empty}")
+    tracking.prepare_store(f"sqlite:///{empty}")  # now an MLflow store: accepted again
+    client = mlflow.MlflowClient(f"sqlite:///{empty}")
+    assert client.search_experiments()
+
+
+#: Nothing listens on the discard port of the loopback interface: connections are refused.
+DEAD_SERVER = "http://127.0.0.1:9"
+
+
+def test_a_dead_tracking_server_is_one_line_within_the_configured_timeout(tmp_path: Path) -> None:
+    """MLflow's own retries take minutes on a refused connection; the command gives up after
+    logger.connect_timeout_s with one line naming the server."""
+    from conftest import compose_train_cfg
+
+    cfg = compose_train_cfg(
+        tmp_path, [f"logger.tracking_uri={DEAD_SERVER}", "logger.connect_timeout_s=2"]
+    )
+    start = time.monotonic()
+    with pytest.raises(TrackingStoreError) as info:
+        tracking.create_run(cfg, {})
+    took = time.monotonic() - start
+    message = str(info.value)
+    assert 1.5 <= took < 10, took  # it does wait (a server starting up), but not for long
+    assert DEAD_SERVER in message and "2 s" in message and "connect_timeout_s" in message
+    assert "\n" not in message and len(message) < 300
+
+
+@pytest.mark.slow
+def test_a_dead_tracking_server_fails_within_about_30_s_by_default(tmp_path: Path) -> None:
+    ann, images = write_tiny_coco(tmp_path / "data", num_images=4)
+    args = [*tiny_train_overrides(ann, images), f"logger.tracking_uri={DEAD_SERVER}"]
+    start = time.monotonic()
+    res = run_script("cartridgeocr-train", *args, cwd=tmp_path, timeout=120)
+    took = time.monotonic() - start
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and DEAD_SERVER in lines[0] and "30 s" in lines[0], res.stderr[-2000:]
+    assert took < 60, took  # 30 s of waiting, plus the command's start-up
+    assert "Traceback" not in res.stderr

@@ -86,7 +86,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     if store is not None and not store.is_file():
         raise ConfigError(f"resume={cfg.resume}: no such output folder, and no store at {uri}")
-    tracking.prepare_store(uri)
+    tracking.prepare_store(uri, cfg.logger.get("connect_timeout_s"))
     try:
         mlflow.MlflowClient(uri).get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -121,7 +121,8 @@ class CreateTrackingStore(Callback):
         root = config.hydra.runtime.cwd
         run_guarded(
             lambda: tracking.prepare_store(
-                tracking.resolve_tracking_uri(config.logger.get("tracking_uri"), root)
+                tracking.resolve_tracking_uri(config.logger.get("tracking_uri"), root),
+                config.logger.get("connect_timeout_s"),
             )
         )
 

@@ -486,8 +486,7 @@ def tune(overrides: Sequence[str], root_dir: str | Path | None = None) -> TuneRe
     distributions, fixed = parse_space(OmegaConf.to_container(search.params, resolve=True))
     check_space(distributions, fixed, base, root)
 
-    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"), cfg.paths.root_dir)
-    tracking.prepare_store(uri)
+    uri = tracking.open_store(cfg)
     client = mlflow.MlflowClient(uri)
     spec = storage_spec(search, uri, root)
     storage = open_storage(spec, int(search.max_retries))
