@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import mlflow
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
@@ -173,7 +172,12 @@ class MlflowCheckpoints(Callback):
         if logger is None or not trainer.is_global_zero:
             return
         message = " ".join(str(exception).split())[:4000] or "interrupted"
-        logger.experiment.set_tag(logger.run_id, "error", f"{type(exception).__name__}: {message}")
+        try:
+            logger.experiment.set_tag(
+                logger.run_id, "error", f"{type(exception).__name__}: {message}"
+            )
+        except Exception as exc:  # the store itself may be what failed: keep the first error
+            log.warning("could not tag run %s with its error: %s", logger.run_id, exc)
 
     def on_train_end(self, trainer, pl_module) -> None:
         best = self.checkpoint_paths(trainer)[0]
@@ -186,7 +190,7 @@ class MlflowCheckpoints(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             for path in pl_module.export_files(best, Path(tmp)):
                 client.log_artifact(run_id, str(path), tracking.EXPORT_DIR)
-        mlflow.flush_async_logging()  # metrics queued by `logger.synchronous=false`
+        tracking.flush_logged(trainer)  # metrics queued by `logger.synchronous=false`
         keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train/")]
         history = {
             k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys

@@ -26,7 +26,6 @@ from typing import Any
 from weakref import proxy
 
 import lightning as L
-import mlflow
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -240,8 +239,11 @@ class LastCheckpoint(ModelCheckpoint):
             return
         # Metrics queued by `logger.synchronous=false` reach the store before the checkpoint does:
         # a run killed later loses only steps that resuming from this checkpoint computes again.
+        # Metrics the store refused for logger.store_retry_s stop the run here, naming them.
         if trainer.is_global_zero and any(isinstance(lg, MLFlowLogger) for lg in trainer.loggers):
-            mlflow.flush_async_logging()
+            from cartridgeocr.tracking import flush_logged
+
+            flush_logged(trainer)
         partial = f"{filepath}.partial"
         trainer.save_checkpoint(partial, self.save_weights_only)
         if trainer.is_global_zero:

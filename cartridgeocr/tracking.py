@@ -16,12 +16,17 @@ Artifact layout of a run::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 import sqlite3
 import subprocess
-from collections.abc import Mapping
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,8 @@ from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Param
+from mlflow.environment_variables import MLFLOW_ENABLE_ASYNC_LOGGING
+from mlflow.utils.async_logging.run_operations import RunOperations
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -325,6 +332,259 @@ def create_parent_run(
     return client, run.info.run_id
 
 
+#: How long a write the store refuses (locked, restarting) is retried (``logger.store_retry_s``).
+STORE_RETRY_S = 300.0
+#: MLflow error codes of a store that is busy or briefly away: worth retrying.
+TRANSIENT_ERRORS = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a store error may go away by itself (a lock, a timeout, a server restarting)."""
+    if isinstance(exc, mlflow.exceptions.MlflowException):
+        return exc.error_code in TRANSIENT_ERRORS
+    return isinstance(exc, SQLAlchemyError | OSError)
+
+
+class _QuietLockedStore(logging.Filter):
+    """Drops MLflow's traceback for each refused sqlite write: `StoreClient` says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or "database is locked" not in str(exc)
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_QuietLockedStore())
+
+
+class StoreRefused(TrackingStoreError):
+    """The store refused a call for the whole retry time; ``reason`` is its last error."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Batch:
+    """Metrics, params and tags queued for one run, and the future its caller may wait on."""
+
+    __slots__ = ("run_id", "metrics", "params", "tags", "future")
+
+    def __init__(self, run_id: str, metrics: list, params: list, tags: list) -> None:
+        self.run_id, self.metrics, self.params, self.tags = run_id, metrics, params, tags
+        self.future: Future = Future()
+
+    def size(self) -> int:
+        return len(self.metrics) + len(self.params) + len(self.tags)
+
+
+class StoreClient(mlflow.MlflowClient):
+    """`MlflowClient` that waits out a store that refuses a call for a while: a sqlite database
+    another process holds locked, a tracking server that is restarting.
+
+    Each call that reads or writes a run is retried with growing pauses for up to ``retry_s``
+    seconds, then fails with one line (`TrackingStoreError`). ``log_batch(synchronous=False)``
+    (what Lightning's logger sends with ``logger.synchronous=false``) is queued and written by
+    a thread of this client, retried the same way, so a training step never waits for the store;
+    `flush` waits until everything queued is written, and raises, naming them, if some of it
+    could not be. MLflow's own queue reports such a loss only as a log line."""
+
+    #: MlflowClient methods retried as they are (run reads and writes; not creations, which a
+    #: retry could make twice on a server that did the first one but did not answer).
+    RETRIED = (
+        "get_run",
+        "get_metric_history",
+        "get_experiment",
+        "get_experiment_by_name",
+        "set_tag",
+        "delete_tag",
+        "set_terminated",
+        "update_run",
+        "log_metric",
+        "log_param",
+        "set_experiment_tag",
+    )
+
+    def __init__(self, tracking_uri: str, retry_s: float | None = None) -> None:
+        super().__init__(tracking_uri)
+        self.uri = tracking_uri
+        self.retry_s = float(STORE_RETRY_S if retry_s is None else retry_s)
+        self._cond = threading.Condition()
+        self._queue: deque[_Batch] = deque()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._lost: list[_Batch] = []
+        self._lost_reason = ""
+
+    # ---- retries --------------------------------------------------------------------------
+    def retry(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, retried while the store refuses it, for up to retry_s s."""
+        deadline = None
+        pause = 0.5
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_s
+                    log.warning(
+                        "the tracking store refused %s (%s): retrying for up to %g s",
+                        what,
+                        short_error(exc),
+                        self.retry_s,
+                    )
+                if now >= deadline:
+                    raise StoreRefused(
+                        f"{self.uri}: {what} was refused for {self.retry_s:g} s "
+                        f"({short_error(exc)[:100]}); logger.store_retry_s sets how long to retry",
+                        reason=short_error(exc)[:100],
+                    ) from None
+                time.sleep(min(pause, deadline - now))
+                pause = min(2 * pause, 8.0)
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Any = (),
+        params: Any = (),
+        tags: Any = (),
+        synchronous: bool | None = None,
+    ) -> RunOperations | None:
+        sync = synchronous if synchronous is not None else not MLFLOW_ENABLE_ASYNC_LOGGING.get()
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        if sync:
+            base = super().log_batch
+            return self.retry("a write", base, run_id, metrics, params, tags, synchronous=True)
+        batch = _Batch(run_id, metrics, params, tags)
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._write_loop, name="cartridgeocr-store-writer", daemon=True
+                )
+                self._thread.start()
+            self._queue.append(batch)
+            self._cond.notify_all()
+        return RunOperations([batch.future])
+
+    # ---- the writer thread ------------------------------------------------------------------
+    def _take(self) -> list[_Batch]:
+        """The next queued batches of one run, as many as one MLflow log_batch call takes."""
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            group = [self._queue.popleft()]
+            self._busy = True
+            while self._queue and self._queue[0].run_id == group[0].run_id:
+                nxt = self._queue[0]
+                merged = [*group, nxt]
+                if (
+                    sum(b.size() for b in merged) > 1000
+                    or sum(len(b.params) for b in merged) > 100
+                    or sum(len(b.tags) for b in merged) > 100
+                ):
+                    break
+                group.append(self._queue.popleft())
+            return group
+
+    def _write_loop(self) -> None:
+        base = super().log_batch
+        while True:
+            group = self._take()
+            try:
+                self.retry(
+                    "a queued write",
+                    base,
+                    group[0].run_id,
+                    [m for b in group for m in b.metrics],
+                    [p for b in group for p in b.params],
+                    [t for b in group for t in b.tags],
+                    synchronous=True,
+                )
+            except Exception as exc:
+                with self._cond:
+                    self._lost.extend(group)
+                    self._lost_reason = getattr(exc, "reason", None) or short_error(exc)[:100]
+                for batch in group:
+                    batch.future.set_exception(exc)
+            else:
+                for batch in group:
+                    batch.future.set_result(None)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every queued write is in the store. Raises `TrackingStoreError` naming
+        what the store refused for retry_s seconds (and keeps raising it: a loss stays known)."""
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+            lost = list(self._lost)
+        if lost:
+            head = f"{self.uri}: "
+            tail = f" in {self.retry_s:g} s of retries ({self._lost_reason})"
+            raise TrackingStoreError(head + describe_lost(lost, 290 - len(head + tail)) + tail)
+
+    @property
+    def lost(self) -> bool:
+        return bool(self._lost)
+
+
+def _retrying(name: str) -> Callable[..., Any]:
+    base = getattr(mlflow.MlflowClient, name)
+
+    @functools.wraps(base)
+    def method(self: StoreClient, *args: Any, **kwargs: Any) -> Any:
+        return self.retry(f"{name}", getattr(super(StoreClient, self), name), *args, **kwargs)
+
+    return method
+
+
+for _name in StoreClient.RETRIED:
+    setattr(StoreClient, _name, _retrying(_name))
+
+
+def _steps(steps: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'steps 0-2, 5'; [3] -> 'step 3'."""
+    ordered = sorted(set(steps))
+    runs: list[list[int]] = []
+    for s in ordered:
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return f"step{'s' if len(ordered) > 1 else ''} {text}"
+
+
+def describe_lost(batches: list[_Batch], width: int = 160) -> str:
+    """What a list of unwritten batches held, in one sentence of at most ``width`` characters
+    (each metric and its steps, as many as fit)."""
+    by_key: dict[str, list[int]] = {}
+    for batch in batches:
+        for m in batch.metrics:
+            by_key.setdefault(m.key, []).append(int(m.step))
+    count = sum(len(v) for v in by_key.values())
+    # The loss and the validation metrics first: what a user looks for when steps are missing.
+    order = sorted(by_key, key=lambda k: (k != "train/loss", not k.startswith("val/"), k))
+    parts = [f"{k} at {_steps(by_key[k])}" for k in order]
+    others = sum(len(b.params) + len(b.tags) for b in batches)
+    head = f"{count} metric values" if count else "no metric"
+    if others:
+        head += f" and {others} params/tags"
+    head += " were not written"
+    room = max(20, width - len(head) - 3)
+    detail = "; ".join(parts)
+    if len(detail) > room:
+        detail = detail[: room - 5].rsplit(";", 1)[0] + "; ..."
+    return f"{head} ({detail})" if detail else head
+
+
 class ResumableMLFlowLogger(MLFlowLogger):
     """`MLFlowLogger` that, continuing a run, never logs a metric at a step the run has already.
 
@@ -332,10 +592,38 @@ class ResumableMLFlowLogger(MLFlowLogger):
     checkpoint, it computes them again. They are dropped here, so every (metric, step) of the
     run is recorded once and the step axis simply continues."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, store_retry_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._resuming = kwargs.get("run_id") is not None
         self._logged_up_to: dict[str, int] | None = None
+        # Every call of Lightning's and ours goes through a client that waits out a locked or
+        # restarting store, and that says what it could not write instead of dropping it.
+        self._mlflow_client = StoreClient(self._tracking_uri, store_retry_s)
+
+    def flush(self) -> None:
+        """Wait until all logged metrics are in the store (`StoreClient.flush`)."""
+        self._mlflow_client.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Write what is queued, then the run's status. Metrics the store refused make a
+        successful end an error (Lightning then finalizes again as "failed": the run is marked
+        FAILED and tagged with what was lost)."""
+        if not self._initialized:
+            return
+        try:
+            self.flush()
+        except TrackingStoreError as exc:
+            if status == "success":
+                raise
+            with contextlib.suppress(Exception):
+                self._mlflow_client.set_tag(self.run_id, "error", f"TrackingStoreError: {exc}")
+        try:
+            super().finalize(status)
+        except TrackingStoreError as exc:
+            if status == "success":
+                raise
+            log.warning("could not mark run %s %s: %s", self.run_id, status, exc)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -370,10 +658,21 @@ def create_logger(
         artifact_location=default_artifact_location(uri, cfg.logger.get("artifact_location")),
         run_id=run_id,
         log_model=False,
-        # False: metrics are queued and written by MLflow's background thread, so a training step
-        # never waits on the store; the queue is drained before the run ends.
+        # False: metrics are queued and written by the client's own thread (`StoreClient`), so a
+        # training step never waits on the store; the queue is drained at each last.ckpt and
+        # before the run ends, and what the store refused for store_retry_s ends the run.
         synchronous=cfg.logger.get("synchronous", True),
+        store_retry_s=cfg.logger.get("store_retry_s"),
     )
+
+
+def flush_logged(trainer: Any) -> None:
+    """Wait until every metric the trainer's MLflow loggers queued is in the store; raises
+    `TrackingStoreError` naming those the store refused for ``logger.store_retry_s``."""
+    for lg in trainer.loggers:
+        if isinstance(lg, ResumableMLFlowLogger) and lg._initialized:
+            lg.flush()
+    mlflow.flush_async_logging()  # anything logged through MLflow's own queue
 
 
 def create_run(cfg: DictConfig, tags: dict[str, str]) -> str:
