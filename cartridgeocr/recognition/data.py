@@ -143,6 +143,85 @@ def word_window(
     return np.ascontiguousarray(rgb[:, left:right]), text
 
 
+def fixed_window(
+    rgb: np.ndarray, item: dict, rng: np.random.Generator, ratio: float, word_p: float = 0.8
+) -> tuple[np.ndarray, str]:
+    """A window at most ``ratio`` strip heights wide (the whole strip when it is no wider), with
+    the words it holds whole as its label: with probability ``word_p`` placed to hold a random
+    labelled word, else anywhere (often only upside-down words or bare metal, label empty). An
+    edge that would cut a word is moved into the gap beside it, so no label names letters the
+    window does not show. Windows of one size cost the same per step, far less than whole
+    450-degree strips, and are what ``ocr=ppocr`` reads."""
+    h, w = rgb.shape[:2]
+    width = max(int(round(float(ratio) * h)), 8)
+    words = item.get("words") or []
+    if w <= width:
+        return rgb, item["text"]
+    start = int(rng.integers(0, w - width + 1))
+    if words and rng.random() < float(word_p):
+        a, b, _ = words[int(rng.integers(0, len(words)))]
+        lo, hi = max(b + 1 - width, 0), min(a, w - width)
+        if lo <= hi:
+            start = int(rng.integers(lo, hi + 1))
+    x0, x1 = start, start + width
+    for a, b, _ in words:  # a word cut by an edge: move the edge off it
+        if a < x0 <= b:
+            x0 = b + 1 + CUT_GAP
+        if a <= x1 - 1 < b:
+            x1 = a - CUT_GAP
+    x0, x1 = max(x0, 0), min(x1, w)
+    if x1 - x0 < 8:  # a word wider than the window: show that word whole
+        a, b, _ = next(wd for wd in words if wd[1] >= start and wd[0] < start + width)
+        x0, x1 = max(a - CUT_GAP, 0), min(b + 1 + CUT_GAP, w)
+    inside = [t for a, b, t in words if a >= x0 and b < x1]
+    return np.ascontiguousarray(rgb[:, x0:x1]), " ".join(inside)
+
+
+#: Columns left between a moved window edge and the word it would have cut.
+CUT_GAP = 2
+
+
+def plain_text_line(
+    rng: np.random.Generator, height: int, max_width: int
+) -> tuple[np.ndarray, str]:
+    """Plain dark text on a light ground (a printed line, what the pretrained recogniser learnt
+    on): headstamp words or random codes in the renderer's fonts, ``height`` px high and at most
+    ``max_width`` wide. Mixed into fine-tuning so the model keeps how letters look."""
+    from PIL import Image, ImageDraw
+
+    from cartridgeocr.data.synthetic import text as synth_text
+    from cartridgeocr.recognition.charset import CHARSET, label_text
+
+    kind = str(rng.choice(["pistol", "rifle", "military", "shotgun"]))
+    if rng.random() < 0.3:
+        n = int(rng.integers(1, 4))
+        alphabet = CHARSET.strip()
+        words = [
+            "".join(alphabet[int(i)] for i in rng.integers(0, len(alphabet), rng.integers(1, 7)))
+            for _ in range(n)
+        ]
+    else:
+        words = " ".join(synth_text.make_headstamp(rng, kind).segments).split()
+    fonts = [f for f in synth_text.FONT_FILES if f not in synth_text.BLANK_FONTS]
+    font = synth_text._font(
+        str(rng.choice(fonts)), int(rng.integers(int(0.5 * height), int(0.8 * height)))
+    )
+    spaces = " " * int(rng.integers(1, 3))
+    text = label_text(spaces.join(words)) or "0"
+    while len(text) > 1 and font.getlength(text) + 8 > max_width:
+        text = text.rsplit(" ", 1)[0] if " " in text else text[:-1]
+    ground = int(rng.integers(170, 256))
+    ink = int(rng.integers(0, 90))
+    width = int(min(max_width, font.getlength(text) + rng.integers(4, 24)))
+    img = Image.new("L", (max(width, 8), height), ground)
+    draw = ImageDraw.Draw(img)
+    top, bottom = font.getbbox(text)[1], font.getbbox(text)[3]
+    y = (height - (bottom - top)) / 2 - top + rng.uniform(-2, 2)
+    draw.text((float(rng.integers(2, 8)), y), text, fill=ink, font=font)
+    grey = np.asarray(img)
+    return np.repeat(grey[..., None], 3, axis=2), text
+
+
 def curriculum_stage(curriculum: dict | None, epoch: int | None) -> str:
     """The curriculum stage of an epoch (``mix`` without a curriculum or an epoch)."""
     if not curriculum or epoch is None:
@@ -175,6 +254,8 @@ class StripDataset(Dataset):
         read_cfg: dict,
         augment: dict | None = None,
         curriculum: dict | None = None,
+        window_ratio: float | None = None,
+        plain_text_p: float = 0.0,
     ) -> None:
         meta = json.loads((Path(folder) / LABELS).read_text())
         self.folder = Path(folder)
@@ -186,6 +267,11 @@ class StripDataset(Dataset):
         self.curriculum = dict(curriculum or {})
         #: Strips with at least one upright word (the early stages show only these).
         self.with_words = [k for k, it in enumerate(self.items) if it.get("words")]
+        #: Windows this many strip heights wide instead of whole strips (None: whole strips and
+        #: the curriculum's word windows); validation windows are fixed per strip.
+        self.window_ratio = float(window_ratio) if window_ratio else None
+        #: Share of training items that are plain printed text lines instead of strips.
+        self.plain_text_p = float(plain_text_p or 0.0)
 
     def window_cfg(self, stage: str) -> dict:
         """`word_window`'s settings in a curriculum stage."""
@@ -211,13 +297,27 @@ class StripDataset(Dataset):
         rgb = self.load(i)
         text = self.items[i]["text"]
         invert = False
+        if self.window_ratio and (self.transforms is None or seed is None):
+            rgb, text = fixed_window(
+                rgb, self.items[i], np.random.default_rng(i), self.window_ratio
+            )
         if self.transforms is not None and seed is not None:
             rng = np.random.default_rng(seed)
-            rgb, text = word_window(rgb, self.items[i], rng, self.window_cfg(stage))
+            plain = False
+            if self.window_ratio:
+                if rng.random() < self.plain_text_p:
+                    width = int(round(self.window_ratio * rgb.shape[0]))
+                    rgb, text = plain_text_line(rng, rgb.shape[0], width)
+                    plain = True
+                else:
+                    rgb, text = fixed_window(rgb, self.items[i], rng, self.window_ratio)
+            else:
+                rgb, text = word_window(rgb, self.items[i], rng, self.window_cfg(stage))
             self.transforms.set_random_state(rng, random.Random(seed))
             rgb = self.transforms(image=rgb)["image"]
             rgb = glare_and_wear(rgb, rng, self.augment_cfg)
-            invert = rng.random() < float(self.augment_cfg.get("invert_p", 0.5))
+            # Plain lines stay dark on light: the pretrained model's own kind of text.
+            invert = not plain and rng.random() < float(self.augment_cfg.get("invert_p", 0.5))
         grey = preprocess(
             rgb,
             bool(self.read_cfg.get("grey", True)),
@@ -278,6 +378,8 @@ class StripDataModule(L.LightningDataModule):
         progress: bool = True,
         name: str = "synthetic",
         stamp_style: str = "ink",
+        window_ratio: float | None = None,
+        plain_text_p: float = 0.0,
     ) -> None:
         from cartridgeocr.data.synthetic import check_stamp_style
 
@@ -308,6 +410,12 @@ class StripDataModule(L.LightningDataModule):
         for key in ("words_epochs", "windows_epochs"):
             if int(self.curriculum.get(key, 0) or 0) < 0:
                 raise ConfigError(f"strips.curriculum.{key}={self.curriculum[key]}: use 0 or more")
+        if window_ratio is not None and float(window_ratio) < 1:
+            raise ConfigError(f"strips.window_ratio={window_ratio}: use null or 1 or more")
+        if not 0 <= float(plain_text_p or 0) <= 1:
+            raise ConfigError(f"strips.plain_text_p={plain_text_p}: use a share from 0 to 1")
+        self.window_ratio = window_ratio
+        self.plain_text_p = float(plain_text_p or 0.0)
         self.run_seed = run_seed
         self.progress = progress
         self.name = name
@@ -336,10 +444,13 @@ class StripDataModule(L.LightningDataModule):
         if self.train_set is None:
             folder = self._folder(self.num_images, self.seed, self.jitter)
             self.train_set = StripDataset(
-                folder, self.height, self.read, self.augment, self.curriculum
-            )
+                folder, self.height, self.read, self.augment, self.curriculum,
+                self.window_ratio, self.plain_text_p,
+            )  # fmt: skip
             val = self._folder(self.val_num_images, self.val_seed, self.jitter)
-            self.val_set = StripDataset(val, self.height, self.read, None)
+            self.val_set = StripDataset(
+                val, self.height, self.read, None, window_ratio=self.window_ratio
+            )
             if not len(self.train_set) or not len(self.val_set):
                 raise ConfigError(
                     "strips: the renders gave no labelled strip (strips.num_images or "

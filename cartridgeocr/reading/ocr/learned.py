@@ -29,16 +29,21 @@ DECODERS = ("greedy", "beam")
 
 
 def load_recogniser_source(
-    checkpoint: str | None, run_id: str | None, tracking_uri: str | None, root_dir: str | Path
+    checkpoint: str | None,
+    run_id: str | None,
+    tracking_uri: str | None,
+    root_dir: str | Path,
+    height: int | None = None,
 ):
-    """(recogniser module, where it came from) from ``ocr.checkpoint`` or ``ocr.run_id``."""
+    """(recogniser module, where it came from) from ``ocr.checkpoint`` or ``ocr.run_id``; its
+    charset must be the reader's, and its input height ``height`` when that is given."""
     import tempfile
 
     from cartridgeocr.recognition.model import load_recogniser
 
     with tempfile.TemporaryDirectory(prefix="cartridgeocr-recogniser-") as dst:
         path, source = fetch_recogniser(checkpoint, run_id, tracking_uri, root_dir, dst)
-        return load_recogniser(path), source
+        return load_recogniser(path, height=height), source
 
 
 def fetch_recogniser(
@@ -102,6 +107,7 @@ class LearnedOcr(OcrEngine):
         min_casing_diameter: float = 48.0,
         threads: int | None = None,
         device: str = "cpu",
+        height: int | None = None,
     ) -> None:
         if decoder not in DECODERS:
             raise ConfigError(f"ocr.decoder={decoder}: use one of {', '.join(DECODERS)}")
@@ -109,7 +115,9 @@ class LearnedOcr(OcrEngine):
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.model, self.source = load_recogniser_source(checkpoint, run_id, tracking_uri, root_dir)
+        self.model, self.source = load_recogniser_source(
+            checkpoint, run_id, tracking_uri, root_dir, height
+        )
         self.device = torch.device(device)
         self.model.to(self.device)
         self.decoder = decoder
@@ -151,7 +159,6 @@ class LearnedOcr(OcrEngine):
         import torch
 
         from cartridgeocr.recognition.data import to_input
-        from cartridgeocr.recognition.model import output_lengths
 
         if not strips:
             return []
@@ -163,7 +170,7 @@ class LearnedOcr(OcrEngine):
         widths = torch.tensor([x.shape[1] for x in inputs])
         with torch.inference_mode():
             probs = self.model(torch.from_numpy(batch).to(self.device)).exp().cpu().numpy()
-        lengths = output_lengths(widths, self.model.stride).tolist()
+        lengths = self.model.frames(widths).tolist()
         out = []
         for p, n, x, strip in zip(probs, lengths, inputs, strips, strict=True):
             decoded = self._decode(p[: min(n, len(p))])
