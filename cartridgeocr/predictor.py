@@ -75,6 +75,24 @@ def unletterbox(det: Detections, letterbox: Letterbox) -> Detections:
     return Detections(boxes, det.scores, det.labels, masks)
 
 
+def check_predictor_args(
+    batch_size: Any, max_pixels: Any, read_max_side: Any
+) -> tuple[int, int, int | None]:
+    """``batch_size`` and ``max_pixels`` as integers >= 1, ``read_max_side`` as one or None (full
+    resolution), or a one-line `ConfigError` naming the key: ``batch_size=0`` is refused, not
+    quietly 1, and ``read_max_side=0`` is refused, not quietly the full resolution."""
+    from cartridgeocr.config_checks import number
+
+    return (
+        number(batch_size, "batch_size", integer=True, minimum=1),
+        number(max_pixels, "max_pixels", integer=True, minimum=1, hint="pixels, e.g. 100000000"),
+        number(
+            read_max_side, "read_max_side", integer=True, minimum=1, allow_none=True,
+            hint="the long side photos are read at; null reads them at full resolution",
+        ),
+    )  # fmt: skip
+
+
 class Predictor:
     """Runs a detector on photos; see the module docstring.
 
@@ -82,6 +100,8 @@ class Predictor:
     to unroll the headstamp), the photo is decoded once at this long side (never upscaled) and
     the detector's input is resized from that decode with the same validation transform.
     ``max_pixels``: images larger than this are refused with a message, before decoding.
+    ``batch_size`` and ``max_pixels`` are whole numbers >= 1, ``read_max_side`` one or None
+    (full resolution); anything else is a `ConfigError` naming the key.
     """
 
     def __init__(
@@ -92,13 +112,13 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         read_max_side: int | None = None,
     ) -> None:
+        self.batch_size, self.max_pixels, self.read_max_side = check_predictor_args(
+            batch_size, max_pixels, read_max_side
+        )
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
         self.image_size = int(model.image_size)
-        self.batch_size = max(1, int(batch_size))
-        self.max_pixels = int(max_pixels)
-        self.read_max_side = int(read_max_side) if read_max_side else None
         self.transform = build_transforms(None, self.image_size, train=False)
         # Pillow refuses images above ~179 MP as "decompression bombs"; the limit that counts
         # here is max_pixels, checked from the header before anything is decoded.

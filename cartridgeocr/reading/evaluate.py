@@ -437,8 +437,8 @@ def run_evaluation(cfg: Any) -> tuple[dict[str, float], dict[str, Any]]:
     predictor = Predictor(
         source.model,
         device=resolve_device(str(cfg.device)),
-        batch_size=int(cfg.batch_size),
-        max_pixels=int(cfg.max_pixels),
+        batch_size=cfg.batch_size,
+        max_pixels=cfg.max_pixels,
         read_max_side=cfg.get("read_max_side"),
     )
     reader.predictor = predictor

@@ -458,12 +458,19 @@ def build_reader(cfg: Any, predictor: Predictor | None) -> Reader:
     def plain(node: Any) -> dict:
         return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
 
+    from cartridgeocr.config_checks import dataclass_values
+
+    def values(cls: type, node: Any, key: str) -> dict:  # typed: score_threshold=high is one line
+        return dataclass_values(cls, plain(node), key)
+
     reading = cfg.get("reading") or {}
     try:
-        pp = PostprocessConfig(**plain(reading.get("postprocess")))
-        un = UnrollConfig(**plain(reading.get("unroll")))
-        rd = ReadingConfig(**plain(reading.get("read")))
-        rf = RefineConfig(**plain(cfg.get("refine")))
+        pp = PostprocessConfig(
+            **values(PostprocessConfig, reading.get("postprocess"), "reading.postprocess")
+        )
+        un = UnrollConfig(**values(UnrollConfig, reading.get("unroll"), "reading.unroll"))
+        rd = ReadingConfig(**values(ReadingConfig, reading.get("read"), "reading.read"))
+        rf = RefineConfig(**values(RefineConfig, cfg.get("refine"), "refine"))
     except TypeError as exc:
         raise ConfigError(f"reading: {exc}") from None
     except ValueError as exc:
