@@ -57,7 +57,7 @@ def reader_config(
 
 def signature():
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Object, Property, Schema
 
     part = Object(
         [
@@ -75,7 +75,9 @@ def signature():
             Property("text_confidence", "double"),
         ]
     )
-    inputs = Schema([ColSpec("string", "image"), ColSpec("boolean", "render", required=False)])
+    # render: any type, checked by the model. A boolean column would turn every non-empty
+    # string, "false" included, into true before the model sees it.
+    inputs = Schema([ColSpec("string", "image"), ColSpec(AnyType(), "render", required=False)])
     outputs = Schema(
         [
             ColSpec("long", "width"),

@@ -8,13 +8,18 @@ Request, one row per photo (as the original CartridgeOCR endpoint took it), eith
 ``{"inputs": [{"image": <base64>, "render": false}]}``:
 
 * ``image``: the photo file's bytes, base64-encoded (JPEG, PNG, ...);
-* ``render`` (optional, default false): also return the overlay picture, base64 PNG.
+* ``render`` (optional, default false): also return the overlay picture, base64 PNG; true or
+  false (JSON booleans, or the strings "true" and "false"), anything else is refused with 400.
 
 Response, one object per photo: ``width``, ``height``, ``cartridges`` (each with ``casing``
 and ``primer`` boxes in pixels and in [0, 1) image coordinates, ellipses, scores, ``text``,
 ``text_confidence``, ``tokens`` and ``identification``: maker, country, calibre and year named
 from the tokens, see `cartridgeocr.reading.identify`), ``inference_version``, ``model`` and,
 when asked, ``overlay``. A payload that is not an image is answered with HTTP 400 naming the row.
+
+Limits (`cartridgeocr.serving.limits`): at most ``CARTRIDGEOCR_SERVE_MAX_IN_FLIGHT`` requests
+(default 2) are read at once, ``CARTRIDGEOCR_SERVE_MAX_QUEUED`` (default 8) wait, the rest are
+answered 503 with ``Retry-After``; a body nested too deeply to parse is answered 400.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import threading
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
 #: Keys of ``artifacts`` the model needs (see `cartridgeocr.serving.log.save_reader_model`).
@@ -56,14 +63,40 @@ class HeadstampReaderModel(PythonModel):
         )
         self.reader = build_reader(cfg, predictor)
         self.model_info = dict(cfg.get("model_info") or {})
+        self._bound_work()
+
+    def _bound_work(self) -> None:
+        """Requests read at once: in MLflow's scoring server, an admission check in front of
+        the model (503 + Retry-After for the rest); here, whoever calls `predict`."""
+        from cartridgeocr.serving import limits
+
+        self.limits = limits.ServingLimits.from_env()
+        self._slots = threading.BoundedSemaphore(self.limits.max_in_flight)
+        if limits.in_scoring_server():
+            import sys
+
+            limits.install(sys.modules["mlflow.pyfunc.scoring_server"], self.limits)
 
     # No type hints on predict: MLflow would read them as a signature of their own.
     def predict(self, context, model_input, params=None):
         rows = _rows(model_input)
-        images, renders = [], []
-        for i, row in enumerate(rows):
-            images.append(_decode(row.get("image"), i))
-            renders.append(_flag(row.get("render"), i))
+        renders = [_flag(row.get("render"), i) for i, row in enumerate(rows)]
+        slots = getattr(self, "_slots", None)
+        if slots is None:  # a model object made without load_context (tests)
+            return self._predict(rows, renders)
+        if not slots.acquire(timeout=self.limits.queue_timeout):
+            raise MlflowException(
+                f"the model is busy: {self.limits.max_in_flight} requests are being read "
+                "(CARTRIDGEOCR_SERVE_MAX_IN_FLIGHT); retry later",
+                error_code=TEMPORARILY_UNAVAILABLE,
+            )
+        try:
+            return self._predict(rows, renders)
+        finally:
+            slots.release()
+
+    def _predict(self, rows: list[dict], renders: list[bool]) -> list[dict]:
+        images = [_decode(row.get("image"), i) for i, row in enumerate(rows)]
         results = self.reader.read(images, keep_images=any(renders))
         out = []
         for i, (result, render) in enumerate(zip(results, renders, strict=True)):
@@ -130,11 +163,19 @@ def _decode(value: Any, i: int) -> bytes:
 
 
 def _flag(value: Any, i: int) -> bool:
+    """``render``: a boolean, or the string "true" or "false"; missing (None, NaN) is false.
+    Anything else is refused (400), never read as true for being non-empty."""
     if value is None or (isinstance(value, float) and value != value):  # missing or NaN
         return False
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):
         return bool(value)
-    raise MlflowException.invalid_parameter_value(f"row {i}: 'render' must be true or false")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise MlflowException.invalid_parameter_value(
+        f'row {i}: \'render\' must be true or false (a JSON boolean, or "true"/"false"), '
+        f"not {shown}"
+    )
 
 
 def _normalised(box: list[float], w: int, h: int) -> list[float]:
