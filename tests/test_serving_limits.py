@@ -44,11 +44,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start(app) -> tuple[str, object]:
+    """Serve ``app`` with uvicorn in a thread: (its /invocations URL, a function that stops it)."""
+    import uvicorn
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+
+    def stop() -> None:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+    return f"http://127.0.0.1:{port}/invocations", stop
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """MLflow's scoring server app around the saved reader model, on a loopback port."""
     import mlflow.pyfunc
-    import uvicorn
     from mlflow.pyfunc import scoring_server
 
     from cartridgeocr.serving.log import reader_config, save_reader_model
@@ -67,26 +86,17 @@ def server(tmp_path_factory):
         for name, value in LIMITS.items():
             mp.setenv(name, value)
         model = mlflow.pyfunc.load_model(str(folder))
-        app = scoring_server.init(model)
-        port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        uv = uvicorn.Server(config)
-        thread = threading.Thread(target=uv.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 60
-        while not uv.started:
-            assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
+        url, stop = start(scoring_server.init(model))
         try:
             yield {
-                "url": f"http://127.0.0.1:{port}/invocations",
+                "url": url,
+                "pyfunc": model,
                 "model": model.unwrap_python_model(),
                 "admission": getattr(scoring_server, limits_module._INSTALLED, None),
                 "photo": base64.b64encode(photo.read_bytes()).decode(),
             }
         finally:
-            uv.should_exit = True
-            thread.join(timeout=30)
+            stop()
             for name, value in saved.items():
                 setattr(scoring_server, name, value)
             if hasattr(scoring_server, limits_module._INSTALLED):
@@ -190,6 +200,42 @@ def test_work_in_flight_is_bounded_the_queue_waits_and_the_rest_get_503(server) 
         reader.read = read
     assert sorted(a[0] for a in answers) == [200, 200, 200]
     assert admission.peak_in_flight == 2 and admission.in_flight == 0 and admission.waiting == 0
+
+
+def test_a_request_the_server_gave_up_on_keeps_its_slot_until_its_work_ends(
+    server, monkeypatch
+) -> None:
+    """MLflow answers 504 after its request timeout, but the thread reading the photo goes on:
+    the slot is held until that work ends, so timed-out requests cannot pile up work."""
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")
+    url, stop = start(scoring_server.init(server["pyfunc"]))
+    admission = server["admission"]
+    reader = server["model"].reader
+    gate, read = threading.Event(), reader.read
+
+    def slow_read(images, keep_images=False):
+        assert gate.wait(60)
+        return read(images, keep_images)
+
+    reader.read = slow_read
+    try:
+        body = json.dumps({"inputs": [{"image": server["photo"]}]}).encode()
+        status, _, _ = post(url, body, timeout=30)
+        assert status == 504
+        time.sleep(0.2)
+        assert admission.in_flight == 1  # still reading, though nobody waits for the answer
+        gate.set()
+        deadline = time.time() + 60
+        while admission.in_flight:
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        gate.set()
+        reader.read = read
+        stop()
+    assert post(server["url"], body)[0] == 200
 
 
 def test_limits_from_the_environment_are_checked() -> None:
