@@ -26,6 +26,7 @@ from typing import Any
 from weakref import proxy
 
 import lightning as L
+import mlflow
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -139,6 +140,7 @@ class ExactResume(Callback):
         self._pending_rng = state_dict.get("rng")
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        repoint_checkpoint_state(trainer, checkpoint)
         fit = checkpoint.get("loops", {}).get("fit_loop", {})
         states = fit.get("state_dict", {}).get("combined_loader")
         workers = getattr(trainer.datamodule, "num_workers", None)
@@ -192,6 +194,38 @@ class ExactResume(Callback):
             )
             rank = 0
         restore_rng(states[rank])
+
+
+def repoint_checkpoint_state(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint read from a copied run folder names the original folder's files (the best
+    checkpoint, last.ckpt): point the checkpoint callbacks' saved state at this run's folder.
+    Lightning then keeps the best score across the resume, and never overwrites or deletes a
+    file of the original (it removes a superseded best checkpoint by the name it kept)."""
+    states = checkpoint.get("callbacks") or {}
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.dirpath:
+            continue
+        state = states.get(callback.state_key)
+        old = state.get("dirpath") if isinstance(state, dict) else None
+        new = str(callback.dirpath)
+        if not old or os.path.realpath(old) == os.path.realpath(new):
+            continue
+
+        def move(path: Any, old: str = str(old), new: str = new) -> Any:
+            if isinstance(path, str) and path.startswith(old.rstrip(os.sep) + os.sep):
+                return new.rstrip(os.sep) + path[len(old.rstrip(os.sep)) :]
+            return path
+
+        state["dirpath"] = callback.dirpath
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in state:
+                state[key] = move(state[key])
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {move(k): v for k, v in state["best_k_models"].items()}
+        best = state.get("best_model_path")
+        if best and not Path(best).is_file():
+            log.warning("%s: the best checkpoint so far is not in this run folder", best)
+        log.info("the checkpoint names %s: continuing in %s", old, new)
 
 
 # ---- last.ckpt ----------------------------------------------------------------------------------
@@ -329,6 +363,40 @@ def continue_run(client: Any, run_id: str, step: int) -> None:
             client.delete_tag(run_id, tag)
     before = run.data.tags.get(RESUMED_TAG)
     client.set_tag(run_id, RESUMED_TAG, f"{before},{step}" if before else str(step))
+
+
+class RunFinished(Exception):
+    """``resume=`` names a run that finished, and the command asks for no more training than
+    it did: nothing is done, and nothing is changed (the CLI says so and exits 0)."""
+
+
+def check_not_finished(cfg: Any, client: Any, run_id: str, ckpt_path: str | Path) -> None:
+    """Raise `RunFinished` when the MLflow run ``run_id`` is FINISHED and ``cfg`` asks for no
+    more epochs (``trainer.max_epochs``) or steps (``trainer.max_steps``) than it recorded, or
+    than its last checkpoint already holds. A run stopped early (early stopping, a CPU budget)
+    counts as finished too: resuming it with its own config would train past its stop."""
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return  # not in this store: the logger says so when it opens the run
+    if run.info.status != "FINISHED":
+        return
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    epochs, step = int(ckpt["epoch"]) + 1, int(ckpt["global_step"])
+    params = run.data.params
+
+    def asks_more(key: str, done: int) -> bool:
+        value = cfg.trainer.get(key)
+        if value is None or str(value) == params.get(f"trainer.{key}"):
+            return False
+        return int(value) < 0 or int(value) > done
+
+    if asks_more("max_epochs", epochs) or asks_more("max_steps", step):
+        return
+    raise RunFinished(
+        f"resume={cfg.resume}: run {run_id} already FINISHED ({epochs} epochs, step {step}); "
+        f"nothing was changed. To train it further, add trainer.max_epochs={epochs + 1} or more"
+    )
 
 
 #: Tags: steps a run was resumed at (comma-separated), and why a stopped run stopped.

@@ -25,7 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cartridgeocr import provenance, tracking
 from cartridgeocr.errors import ConfigError, user_errors
-from cartridgeocr.resume import ExactResume, checkpoint_step, continue_run, stop_on_sigterm
+from cartridgeocr.resume import (
+    ExactResume,
+    check_not_finished,
+    checkpoint_step,
+    continue_run,
+    stop_on_sigterm,
+)
 
 log = logging.getLogger("cartridgeocr.train")
 
@@ -69,6 +75,12 @@ def _train(
     if cfg.get("seed") is not None:  # 0 is a seed like any other
         L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    # A finished run is left as it is (unless asked for more epochs): checked before any data is
+    # read or anything is written.
+    ckpt_path, resumed_run_id = resume_point(cfg)
+    if ckpt_path is not None and resumed_run_id is not None:
+        client = mlflow.MlflowClient(tracking.open_store(cfg))
+        check_not_finished(cfg, client, resumed_run_id, ckpt_path)
     (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     datamodule = build(cfg.data, "data", augment=_plain(cfg.augment))
@@ -84,7 +96,6 @@ def _train(
     internal = [ExactResume(), provenance.Provenance(description)]
 
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
-    ckpt_path, resumed_run_id = resume_point(cfg)
     run_id = run_id or resumed_run_id
     logger = None
     if not fast_dev_run:  # Lightning turns loggers off for fast_dev_run anyway: make no empty run

@@ -88,7 +88,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"resume={cfg.resume}: no such output folder, and no store at {uri}")
     tracking.prepare_store(uri, cfg.logger.get("connect_timeout_s"))
     try:
-        mlflow.MlflowClient(uri).get_run(run_id)
+        run = mlflow.MlflowClient(uri).get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise ConfigError(
             f"resume={cfg.resume}: no such output folder or MLflow run in {uri}"
@@ -102,13 +102,51 @@ def resume_config(cfg: DictConfig) -> DictConfig:
             f"resume={cfg.resume}: run {run_id} has no saved {tracking.CONFIG_DIR}/config.yaml"
         ) from None
     saved = OmegaConf.load(text)
+    # The run continues in its own folder: the one named (a copy of a folder is its own), else
+    # the folder the run was last trained in, if it is still here; else this command's folder.
+    # Every saved path inside the old folder (checkpoint dirpaths) moves along with it.
+    folder = run_folder(cfg.resume, run_id, run.data.tags.get(tracking.OUTPUT_DIR_TAG))
+    output_dir = str(folder) if folder is not None else str(cfg.paths.output_dir)
+    saved = repoint_paths(saved, str(saved.paths.get("output_dir") or ""), output_dir)
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
     extra = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides if "/" not in o.split("=")[0]])
     merged = OmegaConf.merge(saved, extra)
     with open_dict(merged):
         merged.resume = cfg.resume
-        merged.paths.output_dir = cfg.paths.output_dir
+        merged.paths.output_dir = output_dir
     return merged
+
+
+def run_folder(resume: str, run_id: str, tagged: str | None) -> Path | None:
+    """The output folder a resume continues in: ``resume`` itself when it is a folder, else the
+    run's tagged folder when it is still here and names the same run; None otherwise."""
+    from cartridgeocr import tracking
+
+    if Path(resume).is_dir():
+        return Path(resume).resolve()
+    if tagged:
+        id_file = Path(tagged) / tracking.RUN_ID_FILE
+        if id_file.is_file() and id_file.read_text().strip() == run_id:
+            return Path(tagged).resolve()
+    return None
+
+
+def repoint_paths(cfg: DictConfig, old: str, new: str) -> DictConfig:
+    """``cfg`` with every string that is ``old`` or a path inside it moved to ``new``."""
+    old = old.rstrip("/")
+    if not old or old == new.rstrip("/"):
+        return cfg
+
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+            return new.rstrip("/") + value[len(old) :]
+        return value
+
+    return OmegaConf.create(move(OmegaConf.to_container(cfg, resolve=False)))
 
 
 class CreateTrackingStore(Callback):
@@ -131,6 +169,7 @@ class CreateTrackingStore(Callback):
 def _main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
+    from cartridgeocr.resume import RunFinished
     from cartridgeocr.train import train_with_finetune
 
     def go():
@@ -138,7 +177,11 @@ def _main(cfg: DictConfig) -> float | None:
         run_cfg = resume_config(cfg) if cfg.get("resume") else cfg
         # sweep.* overrides come from the sweeper (grouping), not from the user: not recorded.
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("sweep.")]
-        metrics, objects = train_with_finetune(run_cfg, overrides, hydra_cfg)
+        try:
+            metrics, objects = train_with_finetune(run_cfg, overrides, hydra_cfg)
+        except RunFinished as finished:  # nothing to do, and nothing was done: not an error
+            console.print(str(finished), highlight=False, soft_wrap=True)
+            return None
         if run_cfg.get("summary", True):
             print_summary(run_cfg, metrics, objects)
         # The monitored metric is returned for Hydra sweepers.
