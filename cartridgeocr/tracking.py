@@ -534,6 +534,23 @@ class StoreClient(mlflow.MlflowClient):
     def lost(self) -> bool:
         return bool(self._lost)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a spawned process): the queue, its lock and its thread stay behind."""
+        self.flush()
+        state = self.__dict__.copy()
+        for key in ("_cond", "_queue", "_thread"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cond, self._queue, self._thread, self._busy = (
+            threading.Condition(),
+            deque(),
+            None,
+            False,
+        )
+
 
 def _retrying(name: str) -> Callable[..., Any]:
     base = getattr(mlflow.MlflowClient, name)

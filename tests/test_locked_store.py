@@ -217,3 +217,15 @@ def test_a_run_whose_metrics_the_store_refuses_for_good_ends_failed_saying_what_
     run = client.get_run(run_id)
     assert run.info.status == "FAILED", run.info.status
     assert "were not written" in run.data.tags["error"]
+
+
+def test_the_client_survives_pickling_with_its_queue_written(tmp_path: Path) -> None:
+    """A spawned process gets a pickled logger: what was queued is written first."""
+    import pickle
+
+    uri, client, run_id = _store_with_a_run(tmp_path, retry_s=5)
+    client.log_batch(run_id, metrics=[Metric("m", 1.0, 0, 0)], synchronous=False)
+    clone = pickle.loads(pickle.dumps(client))
+    clone.log_batch(run_id, metrics=[Metric("m", 2.0, 0, 1)], synchronous=False)
+    clone.flush()
+    assert stored_points(mlflow.MlflowClient(uri), run_id) == {("m", 0), ("m", 1)}
