@@ -1,5 +1,8 @@
 """``ocr=learned``: the recogniser trained by ``cartridgeocr-train-recogniser`` (a CRNN with CTC
-on synthetic strips), read from its checkpoint file or its MLflow run.
+on synthetic strips, or a PP-OCR recogniser fine-tuned there), read from its checkpoint file or
+its MLflow run. The checkpoint says how a strip becomes the network's input (height, channels,
+normalisation, columns per frame); a fine-tuned PP-OCR model, trained on windows, also reads
+each strip in windows besides whole (``ocr.windows``, as ``ocr=ppocr`` does).
 
 The reading pipeline hands it every strip both ways up and in both polarities, after its
 greyscale + CLAHE, as it does for every engine; the recogniser was trained on strips made the
@@ -108,9 +111,19 @@ class LearnedOcr(OcrEngine):
         threads: int | None = None,
         device: str = "cpu",
         height: int | None = None,
+        windows: bool | None = None,
+        whole_strip: bool = True,
+        window_ratio: float = 6.0,
+        window_step: float = 3.0,
+        batch_size: int = 16,
     ) -> None:
         if decoder not in DECODERS:
             raise ConfigError(f"ocr.decoder={decoder}: use one of {', '.join(DECODERS)}")
+        if not 0 < float(window_step) <= float(window_ratio):
+            raise ConfigError(
+                f"ocr.window_step={window_step}: use a step above 0 and at most "
+                f"ocr.window_ratio={window_ratio}"
+            )
         import torch
 
         if threads:
@@ -120,6 +133,12 @@ class LearnedOcr(OcrEngine):
         )
         self.device = torch.device(device)
         self.model.to(self.device)
+        #: Windows besides the whole strip (null: as trained, on for a fine-tuned PP-OCR model).
+        arch = self.model.describe().get("arch")
+        self.windows = bool(arch == "ppocr" if windows is None else windows)
+        self.whole_strip = bool(whole_strip) or not self.windows
+        self.window_ratio, self.window_step = float(window_ratio), float(window_step)
+        self.batch_size = max(int(batch_size), 1)
         self.decoder = decoder
         self.beam_width = int(beam_width)
         self.lexicon_bonus = float(lexicon_bonus)
@@ -139,6 +158,7 @@ class LearnedOcr(OcrEngine):
             "source": self.source,
             "decoder": self.decoder,
             "lexicon": self.lexicon is not None,
+            "windows": [self.window_ratio, self.window_step] if self.windows else None,
         }
 
     def check_reading(self, unroll: dict, read: dict) -> list[str]:
@@ -162,6 +182,13 @@ class LearnedOcr(OcrEngine):
 
         if not strips:
             return []
+        if self.windows:
+            from cartridgeocr.reading.ocr.ppocr import read_whole_and_windows
+
+            return read_whole_and_windows(
+                strips, self._recognise, self._decode, self.min_confidence, self.whole_strip,
+                True, self.window_ratio, self.window_step,
+            )  # fmt: skip
         inputs = [to_input(to_grey(s), self.model.height) for s in strips]
         widest = max(x.shape[1] for x in inputs)
         batch = np.zeros((len(inputs), 1, self.model.height, widest), np.float32)
@@ -177,6 +204,28 @@ class LearnedOcr(OcrEngine):
             scale = strip.shape[1] / float(x.shape[1])  # strip columns per input column
             out.append(self._pieces(decoded, self.model.stride * scale, strip.shape[1]))
         return out
+
+    def _recognise(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        """Per crop, its (frames, 1 + charset) probabilities; crops of one width batch together."""
+        import torch
+
+        from cartridgeocr.recognition.data import to_input
+
+        inputs = [to_input(to_grey(c), self.model.height) for c in crops]
+        result: list[np.ndarray | None] = [None] * len(inputs)
+        by_width: dict[int, list[int]] = {}
+        for i, x in enumerate(inputs):
+            by_width.setdefault(x.shape[1], []).append(i)
+        for width, group in by_width.items():
+            frames = int(self.model.frames(torch.tensor([width]))[0])
+            for start in range(0, len(group), self.batch_size):
+                idx = group[start : start + self.batch_size]
+                batch = torch.from_numpy(np.stack([inputs[i] for i in idx])[:, None])
+                with torch.inference_mode():
+                    probs = self.model(batch.to(self.device)).exp().cpu().numpy()
+                for i, p in zip(idx, probs, strict=True):
+                    result[i] = p[: min(frames, len(p))]
+        return result  # type: ignore[return-value]
 
     def _decode(self, probs: np.ndarray):
         from cartridgeocr.recognition.decode import beam_search, greedy, rerank_with_lexicon

@@ -113,43 +113,10 @@ class PpOcrEngine(OcrEngine):
 
     def read_many(self, strips) -> list[list[TextPiece]]:
         """Every strip whole and in windows; the windows (all one size) go through in batches."""
-        crops: list[np.ndarray] = []
-        spans: list[tuple[int, int, int, bool]] = []  # (strip index, x0, x1, is a window)
-        for k, strip in enumerate(strips):
-            h, w = strip.shape[:2]
-            pad = int(round(self.pad_fraction * h))
-            if pad:
-                strip = np.pad(strip, ((pad, pad),) + ((0, 0),) * (strip.ndim - 1), mode="edge")
-            win = max(int(round(self.window_ratio * h)), 1)
-            if self.whole_strip or w <= win:
-                crops.append(np.ascontiguousarray(strip))
-                spans.append((k, 0, w, False))
-            if self.windows and w > win:
-                step = max(int(round(self.window_step * h)), 1)
-                starts = list(range(0, w - win, step)) + [w - win]
-                for x0 in starts:
-                    crops.append(np.ascontiguousarray(strip[:, x0 : x0 + win]))
-                    spans.append((k, x0, x0 + win, True))
-        out: list[list[TextPiece]] = [[] for _ in strips]
-        probs = self._recognise(crops)
-        for (k, x0, x1, is_window), p in zip(spans, probs, strict=True):
-            width = x1 - x0
-            decoded = self._decode(p)
-            pieces = pieces_from_decoded(
-                decoded, width / max(len(p), 1), width, self.min_confidence
-            )
-            strip_w = strips[k].shape[1]
-            # Half a letter from an inner edge: the word runs on past the window.
-            margin = 0.3 * strips[k].shape[0]
-            for piece in pieces:
-                if is_window and (
-                    (x0 > 0 and piece.x0 < margin) or (x1 < strip_w and piece.x1 > width - margin)
-                ):
-                    continue
-                piece.x0 += x0
-                piece.x1 += x0
-                out[k].append(piece)
-        return out
+        return read_whole_and_windows(
+            strips, self._recognise, self._decode, self.min_confidence, self.whole_strip,
+            self.windows, self.window_ratio, self.window_step, self.pad_fraction,
+        )  # fmt: skip
 
     def _recognise(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         """Per crop, the (frames, 1 + charset) masked probabilities over its own frames."""
@@ -184,3 +151,56 @@ class PpOcrEngine(OcrEngine):
         if self.lexicon is not None:
             return rerank_with_lexicon(hypotheses, self.lexicon, self.lexicon_bonus)
         return hypotheses[0]
+
+
+def read_whole_and_windows(
+    strips,
+    recognise,
+    decode,
+    min_confidence: float,
+    whole_strip: bool = True,
+    windows: bool = True,
+    window_ratio: float = 6.0,
+    window_step: float = 3.0,
+    pad_fraction: float = 0.0,
+) -> list[list[TextPiece]]:
+    """Every strip whole and in windows ``window_ratio`` strip heights wide every
+    ``window_step`` heights, placed back on the strip. ``recognise(crops)`` gives each crop's
+    (frames, 1 + charset) probabilities over its own frames, ``decode(probs)`` a decode. A word
+    touching a window's inner edge is left to the neighbouring window that holds it whole. Shared
+    by ``ocr=ppocr`` and ``ocr=learned`` (a fine-tuned PP-OCR recogniser reads as it was trained)."""
+    crops: list[np.ndarray] = []
+    spans: list[tuple[int, int, int, bool]] = []  # (strip index, x0, x1, is a window)
+    for k, strip in enumerate(strips):
+        h, w = strip.shape[:2]
+        pad = int(round(pad_fraction * h))
+        if pad:
+            strip = np.pad(strip, ((pad, pad),) + ((0, 0),) * (strip.ndim - 1), mode="edge")
+        win = max(int(round(window_ratio * h)), 1)
+        if whole_strip or w <= win:
+            crops.append(np.ascontiguousarray(strip))
+            spans.append((k, 0, w, False))
+        if windows and w > win:
+            step = max(int(round(window_step * h)), 1)
+            starts = list(range(0, w - win, step)) + [w - win]
+            for x0 in starts:
+                crops.append(np.ascontiguousarray(strip[:, x0 : x0 + win]))
+                spans.append((k, x0, x0 + win, True))
+    out: list[list[TextPiece]] = [[] for _ in strips]
+    probs = recognise(crops) if crops else []
+    for (k, x0, x1, is_window), p in zip(spans, probs, strict=True):
+        width = x1 - x0
+        decoded = decode(p)
+        pieces = pieces_from_decoded(decoded, width / max(len(p), 1), width, min_confidence)
+        strip_w = strips[k].shape[1]
+        # Half a letter from an inner edge: the word runs on past the window.
+        margin = 0.3 * strips[k].shape[0]
+        for piece in pieces:
+            if is_window and (
+                (x0 > 0 and piece.x0 < margin) or (x1 < strip_w and piece.x1 > width - margin)
+            ):
+                continue
+            piece.x0 += x0
+            piece.x1 += x0
+            out[k].append(piece)
+    return out
