@@ -4,7 +4,7 @@ bounded number of clients posting large PNGs at once, and what the server did wi
     python benchmarks/serve_load.py --model runs:/<run id>/model          # or a model folder
     python benchmarks/serve_load.py --checkpoint best.ckpt                # wrapped, ocr=none
         [--megapixels 4] [--requests 16] [--concurrency 8]
-        [--max-in-flight 2] [--max-queued 2] [--queue-timeout 30] [--retries 0] [--json out.json]
+        [--max-in-flight 2] [--max-queued 8] [--queue-timeout 30] [--retries 0] [--json out.json]
     # the hostile case of issue 18: 8 clients, one 90 MP PNG each, all at once
     python benchmarks/serve_load.py --checkpoint best.ckpt --megapixels 90 --requests 8 --concurrency 8
 
@@ -12,8 +12,9 @@ Each of --requests is one POST (a refused one is resent after its Retry-After up
 times; each try counts). Prints requests/s, latency p50/p95 of the answered requests, the 503
 count (and whether each carried Retry-After), the server's idle and peak memory (resident set of the whole process
 tree, sampled every 20 ms) and the memory per request in flight: (peak - idle) / the most
-requests the server read at once (``min(concurrency, max-in-flight)``). The defaults run in a
-few minutes on 2 cores. Without --model or --checkpoint an untrained YOLO stands in (the
+requests the server read at once (``min(concurrency, max-in-flight)``). The limits default to
+the served model's (`cartridgeocr.serving.limits.ServingLimits`); the run takes a few minutes
+on 2 cores. Without --model or --checkpoint an untrained YOLO stands in (the
 decode, detection and unrolling costs are those of a real model; it reads no text).
 """
 
@@ -177,9 +178,12 @@ def main() -> None:
     parser.add_argument("--megapixels", type=float, default=4.0)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-in-flight", type=int, default=2)
-    parser.add_argument("--max-queued", type=int, default=2)
-    parser.add_argument("--queue-timeout", type=float, default=30.0)
+    from cartridgeocr.serving.limits import ServingLimits
+
+    served = ServingLimits()  # the served model's defaults
+    parser.add_argument("--max-in-flight", type=int, default=served.max_in_flight)
+    parser.add_argument("--max-queued", type=int, default=served.max_queued)
+    parser.add_argument("--queue-timeout", type=float, default=served.queue_timeout)
     parser.add_argument("--timeout", type=int, default=300, help="server request timeout, s")
     parser.add_argument("--retries", type=int, default=0,
                         help="resend a request refused with 503 after its Retry-After, this often")  # fmt: skip

@@ -247,7 +247,8 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkilled_cli_keeps_its_records_and_the_same_command_resumes(checkpoint, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_cli_keeps_its_records_and_the_same_command_resumes(checkpoint, tmp_path, sig):
     photos = tmp_path / "photos"
     write_photos(photos, 120, size=(640, 480))
     out = tmp_path / "out"
@@ -255,7 +256,7 @@ def test_sigkilled_cli_keeps_its_records_and_the_same_command_resumes(checkpoint
             "batch_size=1", "progress=false", *PERMISSIVE]  # fmt: skip
     proc = subprocess.Popen(
         [str(BIN / "cartridgeocr-predict"), *args], cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     journal = out / JOURNAL_FILE
     deadline = time.time() + 600
@@ -263,8 +264,12 @@ def test_sigkilled_cli_keeps_its_records_and_the_same_command_resumes(checkpoint
         assert proc.poll() is None, "predict ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:  # stopped, saying what it kept and how to go on
+        assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+        said = " ".join(output.split())
+        assert "photos: their records are in" in said and "Traceback" not in output
     assert not (out / PREDICTIONS_FILE).exists()
     kept = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
     assert len(kept) >= 5 and all("cartridges" in r for r in kept)

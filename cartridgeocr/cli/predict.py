@@ -37,7 +37,22 @@ def _main(cfg: DictConfig) -> None:
     from cartridgeocr.reading.predict import predict
 
     def go() -> None:
-        records, objects = predict(cfg)
+        import signal
+        import sys
+
+        stopped_by: list[int] = []
+
+        def stop(signum, frame) -> None:  # SIGTERM: stop as Ctrl-C does, saying what is kept
+            stopped_by.append(signum)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            records, objects = predict(cfg)
+        except KeyboardInterrupt:  # predict has logged where the records made so far are
+            sys.exit(128 + (stopped_by[0] if stopped_by else signal.SIGINT))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if cfg.get("summary", True):
             print_summary(records, objects["output_dir"])
 
