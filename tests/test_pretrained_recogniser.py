@@ -142,7 +142,7 @@ def test_fine_tuning_a_few_steps_is_recorded_in_mlflow(fine_tuned) -> None:
 
     cfg, objects = fine_tuned["cfg"], fine_tuned["objects"]
     assert cfg.strips.height == 48 and cfg.strips.window_ratio == 6
-    assert cfg.optim.lr == 0.0003  # the recipe's, not the CRNN's
+    assert cfg.optim.lr == 0.0001  # the recipe's, not the CRNN's
     client = mlflow.MlflowClient(f"sqlite:///{fine_tuned['root'] / 'mlflow.db'}")
     run = client.get_run(objects["run_id"])
     assert run.data.tags["kind"] == "recogniser" and run.data.tags["backbone"] == "ppocr"

@@ -256,6 +256,8 @@ class StripDataset(Dataset):
         curriculum: dict | None = None,
         window_ratio: float | None = None,
         plain_text_p: float = 0.0,
+        window_word_p: float = 1.0,
+        empty_p: float = 0.05,
     ) -> None:
         meta = json.loads((Path(folder) / LABELS).read_text())
         self.folder = Path(folder)
@@ -272,6 +274,10 @@ class StripDataset(Dataset):
         self.window_ratio = float(window_ratio) if window_ratio else None
         #: Share of training items that are plain printed text lines instead of strips.
         self.plain_text_p = float(plain_text_p or 0.0)
+        #: Of training windows: the share placed on a labelled word, and the share drawn from
+        #: strips with no upright word (empty labels; CTC's blank wins easily, so few).
+        self.window_word_p = float(window_word_p)
+        self.empty_p = float(empty_p)
 
     def window_cfg(self, stage: str) -> dict:
         """`word_window`'s settings in a curriculum stage."""
@@ -294,6 +300,15 @@ class StripDataset(Dataset):
         stage = curriculum_stage(self.curriculum, epoch)
         if stage != "mix" and not self.items[i].get("words") and self.with_words:
             i = self.with_words[i % len(self.with_words)]  # nothing to read: a strip with words
+        if (
+            self.window_ratio
+            and seed is not None
+            and self.transforms is not None
+            and not self.items[i].get("words")
+            and self.with_words
+            and np.random.default_rng([int(seed), 1]).random() >= self.empty_p
+        ):
+            i = self.with_words[i % len(self.with_words)]
         rgb = self.load(i)
         text = self.items[i]["text"]
         invert = False
@@ -310,7 +325,9 @@ class StripDataset(Dataset):
                     rgb, text = plain_text_line(rng, rgb.shape[0], width)
                     plain = True
                 else:
-                    rgb, text = fixed_window(rgb, self.items[i], rng, self.window_ratio)
+                    rgb, text = fixed_window(
+                        rgb, self.items[i], rng, self.window_ratio, self.window_word_p
+                    )
             else:
                 rgb, text = word_window(rgb, self.items[i], rng, self.window_cfg(stage))
             self.transforms.set_random_state(rng, random.Random(seed))
@@ -380,6 +397,8 @@ class StripDataModule(L.LightningDataModule):
         stamp_style: str = "ink",
         window_ratio: float | None = None,
         plain_text_p: float = 0.0,
+        window_word_p: float = 1.0,
+        empty_p: float = 0.05,
     ) -> None:
         from cartridgeocr.data.synthetic import check_stamp_style
 
@@ -414,8 +433,12 @@ class StripDataModule(L.LightningDataModule):
             raise ConfigError(f"strips.window_ratio={window_ratio}: use null or 1 or more")
         if not 0 <= float(plain_text_p or 0) <= 1:
             raise ConfigError(f"strips.plain_text_p={plain_text_p}: use a share from 0 to 1")
+        for key, value in (("window_word_p", window_word_p), ("empty_p", empty_p)):
+            if not 0 <= float(value) <= 1:
+                raise ConfigError(f"strips.{key}={value}: use a share from 0 to 1")
         self.window_ratio = window_ratio
         self.plain_text_p = float(plain_text_p or 0.0)
+        self.window_word_p, self.empty_p = float(window_word_p), float(empty_p)
         self.run_seed = run_seed
         self.progress = progress
         self.name = name
@@ -445,7 +468,7 @@ class StripDataModule(L.LightningDataModule):
             folder = self._folder(self.num_images, self.seed, self.jitter)
             self.train_set = StripDataset(
                 folder, self.height, self.read, self.augment, self.curriculum,
-                self.window_ratio, self.plain_text_p,
+                self.window_ratio, self.plain_text_p, self.window_word_p, self.empty_p,
             )  # fmt: skip
             val = self._folder(self.val_num_images, self.val_seed, self.jitter)
             self.val_set = StripDataset(
