@@ -5,6 +5,8 @@ geometry, on synthetic renders and on the real photos in ../shared/real-headstam
         [--recogniser recogniser.ckpt] [--refine-too] [--synthetic 200] [--no-lexicon-too]
         [--max-images N] [--datasets synthetic real real_full] [--detection-only]
 
+``--ocr ppocr:v6_tiny`` is ``ocr=ppocr ocr.model=v6_tiny`` (ENGINE:MODEL, one row per entry).
+
 "gt" rows read the ring between the labelled casing and primer ellipses (reading errors only);
 "pred" rows read what the detector found (detection + pairing + reading); "pred+refine" rows
 the same after `refine=edges` refitted the ellipses on the full-resolution photo. ``ocr=learned``
@@ -42,7 +44,12 @@ def compose_eval(overrides: list[str]):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="detector checkpoint (predicted geometry)")
-    ap.add_argument("--ocr", nargs="+", default=["rapidocr", "tesseract"])
+    ap.add_argument(
+        "--ocr",
+        nargs="+",
+        default=["rapidocr", "tesseract"],
+        help="OCR backends; ENGINE:MODEL sets ocr.model (ppocr:v6_tiny)",
+    )
     ap.add_argument("--recogniser", help="recogniser checkpoint for --ocr learned")
     ap.add_argument(
         "--refine-too", action="store_true", help="also predicted rows with refine=edges"
@@ -99,7 +106,7 @@ def main() -> None:
     if args.no_lexicon_too:
         variants.append((False, ["reading.read.lexicon=false"]))
 
-    if "learned" in args.ocr and not args.recogniser:
+    if any(o.partition(":")[0] == "learned" for o in args.ocr) and not args.recogniser:
         ap.error("--ocr learned needs --recogniser PATH")
     refines = ["none", "edges"] if args.refine_too else ["none"]
 
@@ -111,8 +118,9 @@ def main() -> None:
     for data_name, data_over in datasets:
         index = None
         for ocr in args.ocr:
-            ocr_over = [f"ocr={ocr}"]
-            if ocr == "learned":
+            engine, _, model = ocr.partition(":")  # ppocr:v6_tiny -> ocr=ppocr ocr.model=v6_tiny
+            ocr_over = [f"ocr={engine}"] + ([f"ocr.model={model}"] if model else [])
+            if engine == "learned":
                 ocr_over.append(f"ocr.checkpoint={args.recogniser}")
             for lexicon, lex_over in variants:
                 for refine in refines:
