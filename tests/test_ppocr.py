@@ -86,7 +86,9 @@ def test_the_same_word_read_twice_a_little_apart_is_kept_once() -> None:
     def cand(token: str, phi0: float, phi1: float, score: float) -> Candidate:
         return Candidate(token, [token], score, score, phi0, phi1, "outward", "normal", 0, 1)
 
-    reader = Reader(None, None)  # type: ignore[arg-type]
+    from cartridgeocr.reading.pipeline import ReadingConfig
+
+    reader = Reader(None, None, read_cfg=ReadingConfig(min_reads=1))  # type: ignore[arg-type]
     usa = cand("USA", 5.78, 6.98, 0.9)
     shifted = cand("USA", 6.95, 8.74, 0.8)  # 2 degrees of overlap: the arc rule keeps both
     seam = cand("USA", 5.78 + 2 * math.pi, 6.98 + 2 * math.pi, 0.7)
@@ -94,3 +96,24 @@ def test_the_same_word_read_twice_a_little_apart_is_kept_once() -> None:
     kept = reader._merge([usa, shifted, seam, win])
     assert sorted(c.raw for c in kept) == ["USA", "WIN"]
     assert [c.score for c in kept if c.raw == "USA"] == [0.9]
+
+
+def test_a_place_counts_only_when_its_best_reading_is_corroborated() -> None:
+    """The best reading of a place is kept when it is read twice there (another polarity or
+    window) or once with high confidence; a lone, unsure one (a mark read as ``12``) leaves the
+    place empty rather than letting the runner-up in."""
+    from cartridgeocr.reading.pipeline import Candidate, Reader, ReadingConfig
+
+    def cand(token: str, phi0: float, conf: float, polarity: str = "normal") -> Candidate:
+        return Candidate(token, [token], conf, conf, phi0, phi0 + 0.5, "outward", polarity, 0, 1)
+
+    twice = [cand("FC", 0.0, 0.6), cand("FC", 0.05, 0.55, "inverted")]
+    sure = [cand("WIN", 2.0, 0.95)]
+    lone = [cand("12", 4.0, 0.7), cand("85", 4.1, 0.6)]  # two different numbers at one place
+    candidates = twice + sure + lone
+    kept = Reader(None, None)._merge(candidates)  # type: ignore[arg-type]
+    assert sorted(c.raw for c in kept) == ["FC", "WIN"]
+    every = Reader(None, None, read_cfg=ReadingConfig(min_reads=1))  # type: ignore[arg-type]
+    assert sorted(c.raw for c in every._merge(candidates)) == ["12", "FC", "WIN"]
+    with pytest.raises(ValueError, match="reading.read.min_reads=0"):
+        ReadingConfig(min_reads=0)

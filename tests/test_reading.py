@@ -146,6 +146,10 @@ def test_lexicon_knows_ocr_confusions_and_splits_run_together_tokens() -> None:
     assert lexicon.tokens("WINCHFSTER")[0] == ["WINCHESTER"]  # one real edit in ten letters
     assert lexicon.tokens("F0")[0] == []  # short codes only accept look-alike substitutions
     assert lexicon.tokens("1985")[0] == ["1985"]  # a year is one token, not two numbers
+    # A number is read from digits: letters (or marks read as S, B, L) do not become one...
+    assert lexicon.tokens("8S")[0] == [] and lexicon.tokens("L2")[0] == []
+    # ...unless the lexicon is told to allow look-alikes in numbers.
+    assert Lexicon.load(number_lookalikes=1).tokens("8S")[0] == ["85"]
     tokens, covered = lexicon.tokens("XQWIN")
     assert tokens == ["WIN"] and covered == pytest.approx(0.6)
 

@@ -70,8 +70,11 @@ class Lexicon:
         max_cost: float = 0.25,
         keep_unmatched: bool = False,
         source: str = "",
+        number_lookalikes: int = 0,
     ) -> None:
         self.source = source
+        #: Look-alike letters (O, S, B, ...) a number may hold and still be read as one.
+        self.number_lookalikes = int(number_lookalikes)
         #: The headstamp table the lexicon took entries from (`Lexicon.load`), if any.
         self.headstamps: HeadstampTable | None = None
         self.max_cost = float(max_cost)
@@ -88,7 +91,11 @@ class Lexicon:
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, max_cost: float = 0.25, keep_unmatched: bool = False
+        cls,
+        path: str | Path | None = None,
+        max_cost: float = 0.25,
+        keep_unmatched: bool = False,
+        number_lookalikes: int = 0,
     ) -> Lexicon:
         """The packaged lexicon, or a YAML file with ``makers``, ``calibres``, ``words`` and
         ``patterns`` lists (any may be missing), and optionally ``headstamps``: a headstamp
@@ -129,7 +136,7 @@ class Lexicon:
             patterns = table.year_patterns() + patterns
         entries = makers + calibres + lists["words"]
         try:
-            lexicon = cls(entries, patterns, max_cost, keep_unmatched, source)
+            lexicon = cls(entries, patterns, max_cost, keep_unmatched, source, number_lookalikes)
         except re.error as exc:
             raise ConfigError(f"{source}: bad pattern ({exc})") from None
         lexicon.headstamps = table
@@ -161,7 +168,8 @@ class Lexicon:
     def _pattern(self, segment: str) -> tuple[str, float] | None:
         digits = segment.translate(_DIGITS)
         real = sum(ch.isdigit() for ch in segment)
-        if not digits.isdigit() or real * 2 < len(segment):
+        lookalikes = len(segment) - real
+        if not digits.isdigit() or real * 2 < len(segment) or lookalikes > self.number_lookalikes:
             return None
         if any(p.fullmatch(digits) for p in self.patterns):
             return digits, CONFUSION_COST * (len(segment) - real)

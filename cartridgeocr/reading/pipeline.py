@@ -61,7 +61,10 @@ class ReadingConfig:
     lexicon_path: str | None = None
     lexicon_max_cost: float = 0.25
     keep_unmatched: bool = False
+    lexicon_number_lookalikes: int = 0
     lexicon_weight: float = 1.0
+    min_reads: int = 2
+    lone_read_confidence: float = 0.9
     min_casing_diameter: float = 0.0
 
     def __post_init__(self) -> None:
@@ -77,6 +80,13 @@ class ReadingConfig:
             raise ValueError("reading.read: directions and polarities need at least one entry")
         if self.merge not in ("region", "strip"):
             raise ValueError(f"reading.read.merge={self.merge!r}: use region or strip")
+        if int(self.min_reads) < 1:
+            raise ValueError(f"reading.read.min_reads={self.min_reads}: use 1 or more")
+        if int(self.lexicon_number_lookalikes) < 0:
+            raise ValueError(
+                f"reading.read.lexicon_number_lookalikes={self.lexicon_number_lookalikes}: "
+                "use 0 or more"
+            )
 
 
 @dataclass
@@ -211,6 +221,7 @@ class Reader:
                 self.read_cfg.lexicon_path,
                 self.read_cfg.lexicon_max_cost,
                 self.read_cfg.keep_unmatched,
+                self.read_cfg.lexicon_number_lookalikes,
             )
             if self.read_cfg.lexicon
             else None
@@ -393,6 +404,9 @@ class Reader:
         return out
 
     def _merge(self, candidates: list[Candidate]) -> list[Candidate]:
+        return self._corroborated(self._best_per_region(candidates), candidates)
+
+    def _best_per_region(self, candidates: list[Candidate]) -> list[Candidate]:
         if self.read_cfg.merge == "strip" and candidates:
             totals: dict[tuple[str, str], float] = {}
             for c in candidates:
@@ -409,6 +423,29 @@ class Reader:
             ):
                 kept.append(c)
         return kept
+
+
+    def _corroborated(self, kept: list[Candidate], candidates: list[Candidate]) -> list[Candidate]:
+        """The kept readings read at least ``min_reads`` times at their place (by any direction,
+        polarity or window, themselves included), or once with ``lone_read_confidence``.
+
+        Stamped letters read the same in both polarities and in overlapping windows; a dot, a
+        scratch or a primer edge read as ``12`` or ``DA`` rarely does twice. A region whose best
+        reading is not corroborated stays empty: the next best reading of it is no surer."""
+        need = int(self.read_cfg.min_reads)
+        if need <= 1:
+            return kept
+        lone = float(self.read_cfg.lone_read_confidence)
+        out = []
+        for k in kept:
+            reads = sum(
+                1
+                for c in candidates
+                if c.tokens == k.tokens and _arc_overlap(c, k) >= self.read_cfg.min_overlap
+            )
+            if reads >= need or k.confidence >= lone:
+                out.append(k)
+        return out
 
 
 def _span_confidence(chars: list[float] | None, start: int, end: int, default: float) -> float:

@@ -21,6 +21,8 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cartridgeocr.reading.ocr import DEFAULT_OCR
+
 log = logging.getLogger("cartridgeocr.serving")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -30,7 +32,7 @@ RECOGNISER_ARTIFACT = "recogniser"
 
 
 def reader_config(
-    ocr: str = "rapidocr",
+    ocr: str = DEFAULT_OCR,
     overrides: dict | None = None,
     max_pixels: int = 100_000_000,
     read_max_side: int | None = 1600,
@@ -161,7 +163,7 @@ class LogReaderModel(Callback):
     A failure is logged as a warning: it must never lose the training run."""
 
     def __init__(
-        self, ocr: str = "rapidocr", overrides: dict | None = None, recogniser: str | None = None
+        self, ocr: str = DEFAULT_OCR, overrides: dict | None = None, recogniser: str | None = None
     ) -> None:
         self.ocr = ocr
         self.overrides = dict(overrides or {})
