@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from cartridgeocr.predictor import Predictor, load_model
+    from cartridgeocr.predictor import DEFAULT_READ_MAX_SIDE, Predictor, load_model
     from cartridgeocr.reading.evaluate import evaluate_reading, load_eval_data
     from cartridgeocr.reading.pipeline import build_reader
 
@@ -101,7 +101,7 @@ def main() -> None:
             )
         )
     source = load_model(args.checkpoint)
-    predictor = Predictor(source.model, batch_size=1, read_max_side=1600)
+    predictor = Predictor(source.model, batch_size=1, read_max_side=DEFAULT_READ_MAX_SIDE)
     variants = [(True, [])]
     if args.no_lexicon_too:
         variants.append((False, ["reading.read.lexicon=false"]))

@@ -37,6 +37,11 @@ ImageInput = str | Path | bytes | np.ndarray
 
 #: Default refusal limit for one image, in pixels (width x height of the stored image).
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Long side photos are decoded at for unrolling and reading. On the real full-resolution phone
+#: photos (12 MP), reading on labelled geometry gave token recall 0.537 / 0.610 / 0.634 / 0.634 at
+#: 1024 / 1600 / 2400 / 3200 px, precision 0.63 / 0.66 / 0.70 / 0.74; decoding at 3200 takes about
+#: 3.5x as long as at 1600, about 0.4 s more per photo on 2 busy cores.
+DEFAULT_READ_MAX_SIDE = 3200
 
 
 @dataclass

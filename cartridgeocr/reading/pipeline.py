@@ -424,7 +424,6 @@ class Reader:
                 kept.append(c)
         return kept
 
-
     def _corroborated(self, kept: list[Candidate], candidates: list[Candidate]) -> list[Candidate]:
         """The kept readings read at least ``min_reads`` times at their place (by any direction,
         polarity or window, themselves included), or once with ``lone_read_confidence``.

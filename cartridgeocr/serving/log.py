@@ -21,6 +21,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cartridgeocr.predictor import DEFAULT_READ_MAX_SIDE
 from cartridgeocr.reading.ocr import DEFAULT_OCR
 
 log = logging.getLogger("cartridgeocr.serving")
@@ -35,7 +36,7 @@ def reader_config(
     ocr: str = DEFAULT_OCR,
     overrides: dict | None = None,
     max_pixels: int = 100_000_000,
-    read_max_side: int | None = 1600,
+    read_max_side: int | None = DEFAULT_READ_MAX_SIDE,
     model_info: dict | None = None,
 ) -> DictConfig:
     """The served reader's config: configs/reading/default.yaml and configs/ocr/<ocr>.yaml."""
