@@ -11,6 +11,10 @@ three times the loss; or ``lstm``, the classic BiLSTM), and a linear layer gives
 each frame a distribution over the blank and `CHARSET`. About 0.3 M parameters; the four
 variants of a strip the reader asks for take about 130 ms on one busy CPU thread.
 
+``arch: ppocr`` is a pretrained PP-OCR recogniser instead (`cartridgeocr.recognition.ppocr_torch`:
+built from the ONNX file of an installed wheel, output layer cut to the charset), fine-tuned with
+the same loss, loop and logging; it reads 48 px high 3-channel input at 8 columns per frame.
+
 Checkpoints are self-describing: ``cartridgeocr_recogniser`` holds the charset, the input
 height and the reading settings the training strips were made with, so ``ocr=learned`` can
 check what it was given and unroll as the recogniser was trained.
