@@ -180,7 +180,11 @@ def _main(cfg: DictConfig) -> float | None:
         try:
             metrics, objects = train_with_finetune(run_cfg, overrides, hydra_cfg)
         except RunFinished as finished:  # nothing to do, and nothing was done: not an error
-            console.print(str(finished), highlight=False, soft_wrap=True)
+            # Imported here: joblib sweeps pickle this function by value, and a module-level
+            # console (it holds a lock) would make it unpicklable.
+            from cartridgeocr.cli.common import console as out
+
+            out.print(str(finished), highlight=False, soft_wrap=True)
             return None
         if run_cfg.get("summary", True):
             print_summary(run_cfg, metrics, objects)
