@@ -15,11 +15,7 @@ import typing
 from typing import Any
 
 from cartridgeocr.errors import ConfigError
-
-
-def shown(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+from cartridgeocr.errors import quoted as shown  # the one short repr of a user's value
 
 
 def number(

@@ -171,10 +171,11 @@ def _flag(value: Any, i: int) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    from cartridgeocr.errors import quoted
+
     raise MlflowException.invalid_parameter_value(
         f'row {i}: \'render\' must be true or false (a JSON boolean, or "true"/"false"), '
-        f"not {shown}"
+        f"not {quoted(value, 40)}"
     )
 
 
